@@ -1,0 +1,75 @@
+//! CPU elementwise kernels: residual add and accumulate, scale, GELU (tanh form).
+
+use rayon::prelude::*;
+
+use super::real::Real;
+
+/// Elements per parallel task: small enough to spread, large enough to amortise the task.
+const CHUNK: usize = 1 << 14;
+
+pub fn add<T: Real>(out: &mut [T], a: &[T], b: &[T]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for i in 0..o.len() {
+                o[i] = a[i] + b[i];
+            }
+        });
+}
+
+pub fn accumulate<T: Real>(dst: &mut [T], src: &[T]) {
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| {
+            for i in 0..d.len() {
+                d[i] += s[i];
+            }
+        });
+}
+
+pub fn scale<T: Real>(dst: &mut [T], alpha: T) {
+    dst.par_chunks_mut(CHUNK).for_each(|d| {
+        for x in d {
+            *x *= alpha;
+        }
+    });
+}
+
+fn gelu_coeffs<T: Real>() -> (T, T) {
+    // sqrt(2/pi) and the cubic coefficient of the tanh approximation.
+    (
+        T::of_f64((2.0 / std::f64::consts::PI).sqrt()),
+        T::of_f64(0.044715),
+    )
+}
+
+pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T]) {
+    let (s, c) = gelu_coeffs::<T>();
+    let half = T::of_f32(0.5);
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            for i in 0..o.len() {
+                let x = x[i];
+                o[i] = half * x * (T::one() + (s * (x + c * x * x * x)).tanh());
+            }
+        });
+}
+
+pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T]) {
+    let (s, c) = gelu_coeffs::<T>();
+    let half = T::of_f32(0.5);
+    let three = T::of_f32(3.0);
+    dinp.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, dy))| {
+            for i in 0..dx.len() {
+                let x = x[i];
+                let u = s * (x + c * x * x * x);
+                let t = u.tanh();
+                let sech2 = T::one() - t * t;
+                let du = s * (T::one() + three * c * x * x);
+                dx[i] = (half * (T::one() + t) + half * x * sech2 * du) * dy[i];
+            }
+        });
+}

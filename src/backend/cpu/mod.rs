@@ -1,0 +1,493 @@
+//! The CPU backend: the reference every other backend is tested against.
+//!
+//! Generic over the element type it computes in: `CpuBackend<f32>` trains, `CpuBackend<f64>` runs the
+//! same model for finite-difference gradient checks. Each op checks shapes and aliasing here, calls a
+//! plain slice kernel from its op-family module, then rounds what it stored to the output's dtype.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod layernorm;
+mod loss;
+mod matmul;
+mod optim;
+mod real;
+mod storage;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+pub use real::Real;
+pub use storage::CpuBuf;
+use storage::{round_to_dtype, Borrows};
+
+use super::{
+    expect_dtype, expect_len, AdamWStep, AttentionShape, Backend, Buffer, DType, MatmulSpec,
+    LAYERNORM_EPS,
+};
+
+/// Token ids in host memory.
+pub type CpuIds = Arc<Vec<u32>>;
+
+/// The CPU backend computing in `T` (f32 or f64). Multithreaded through rayon's global pool.
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend<T: Real = f32> {
+    _elem: PhantomData<T>,
+}
+
+impl<T: Real> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _elem: PhantomData }
+    }
+}
+
+fn expect_ids(op: &str, what: &str, ids: &CpuIds, expected: usize) -> Result<()> {
+    if ids.len() != expected {
+        bail!(
+            "{op}: `{what}` has {} ids, the shapes given need {expected}",
+            ids.len()
+        );
+    }
+    Ok(())
+}
+
+fn expect_ids_below(op: &str, what: &str, ids: &CpuIds, bound: usize) -> Result<()> {
+    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= bound) {
+        bail!("{op}: `{what}`[{i}] = {id} is outside the vocabulary of {bound}");
+    }
+    Ok(())
+}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    type Buf = CpuBuf<T>;
+    type Ids = CpuIds;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu ({} threads, {})",
+            rayon::current_num_threads(),
+            T::NAME
+        )
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf::zeros(len, dtype))
+    }
+
+    fn slice(&self, buf: &CpuBuf<T>, offset: usize, len: usize) -> Result<CpuBuf<T>> {
+        buf.view(offset, len)
+    }
+
+    fn upload(&self, dst: &CpuBuf<T>, src: &[f32]) -> Result<()> {
+        expect_len("upload", "dst", dst, src.len())?;
+        let b = Borrows::check("upload", &[("dst", dst)], &[])?;
+        let out = b.output(0);
+        for (o, &s) in out.iter_mut().zip(src) {
+            *o = T::of_f32(s);
+        }
+        round_to_dtype(dst.dtype(), out);
+        Ok(())
+    }
+
+    fn download(&self, src: &CpuBuf<T>) -> Result<Vec<f32>> {
+        Ok(src.to_vec().into_iter().map(T::as_f32).collect())
+    }
+
+    fn upload_ids(&self, ids: &[u32]) -> Result<CpuIds> {
+        Ok(Arc::new(ids.to_vec()))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn fill(&self, dst: &CpuBuf<T>, value: f32) -> Result<()> {
+        let b = Borrows::check("fill", &[("dst", dst)], &[])?;
+        let out = b.output(0);
+        out.fill(T::of_f32(value));
+        round_to_dtype(dst.dtype(), out);
+        Ok(())
+    }
+
+    fn copy(&self, dst: &CpuBuf<T>, src: &CpuBuf<T>) -> Result<()> {
+        expect_len("copy", "dst", dst, src.len())?;
+        let b = Borrows::check("copy", &[("dst", dst)], &[("src", src)])?;
+        let out = b.output(0);
+        out.copy_from_slice(b.input(src));
+        round_to_dtype(dst.dtype(), out);
+        Ok(())
+    }
+
+    fn scale(&self, dst: &CpuBuf<T>, alpha: f32) -> Result<()> {
+        let b = Borrows::check("scale", &[("dst", dst)], &[])?;
+        let out = b.output(0);
+        elementwise::scale(out, T::of_f32(alpha));
+        round_to_dtype(dst.dtype(), out);
+        Ok(())
+    }
+
+    fn add(&self, out: &CpuBuf<T>, a: &CpuBuf<T>, b: &CpuBuf<T>) -> Result<()> {
+        expect_len("add", "a", a, out.len())?;
+        expect_len("add", "b", b, out.len())?;
+        let bw = Borrows::check("add", &[("out", out)], &[("a", a), ("b", b)])?;
+        let o = bw.output(0);
+        elementwise::add(o, bw.input(a), bw.input(b));
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn accumulate(&self, dst: &CpuBuf<T>, src: &CpuBuf<T>) -> Result<()> {
+        expect_len("accumulate", "src", src, dst.len())?;
+        let b = Borrows::check("accumulate", &[("dst", dst)], &[("src", src)])?;
+        let o = b.output(0);
+        elementwise::accumulate(o, b.input(src));
+        round_to_dtype(dst.dtype(), o);
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        out: &CpuBuf<T>,
+        a: &CpuBuf<T>,
+        b: &CpuBuf<T>,
+        bias: Option<&CpuBuf<T>>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        expect_len("matmul", "out", out, spec.m * spec.n)?;
+        expect_len("matmul", "a", a, spec.m * spec.k)?;
+        expect_len("matmul", "b", b, spec.k * spec.n)?;
+        let mut ins = vec![("a", a), ("b", b)];
+        if let Some(bias) = bias {
+            expect_len("matmul", "bias", bias, spec.n)?;
+            ins.push(("bias", bias));
+        }
+        let bw = Borrows::check("matmul", &[("out", out)], &ins)?;
+        let o = bw.output(0);
+        matmul::matmul(o, bw.input(a), bw.input(b), bias.map(|x| bw.input(x)), spec);
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn bias_backward(
+        &self,
+        dbias: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        expect_len("bias_backward", "dbias", dbias, cols)?;
+        expect_len("bias_backward", "dout", dout, rows * cols)?;
+        let b = Borrows::check("bias_backward", &[("dbias", dbias)], &[("dout", dout)])?;
+        let o = b.output(0);
+        matmul::bias_backward(o, b.input(dout), cols);
+        round_to_dtype(dbias.dtype(), o);
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &CpuBuf<T>,
+        mean: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        weight: &CpuBuf<T>,
+        bias: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        expect_len(op, "out", out, rows * cols)?;
+        expect_len(op, "inp", inp, rows * cols)?;
+        expect_len(op, "mean", mean, rows)?;
+        expect_len(op, "rstd", rstd, rows)?;
+        expect_len(op, "weight", weight, cols)?;
+        expect_len(op, "bias", bias, cols)?;
+        expect_dtype(op, "mean", mean, DType::F32)?;
+        expect_dtype(op, "rstd", rstd, DType::F32)?;
+        let b = Borrows::check(
+            op,
+            &[("out", out), ("mean", mean), ("rstd", rstd)],
+            &[("inp", inp), ("weight", weight), ("bias", bias)],
+        )?;
+        let o = b.output(0);
+        layernorm::layernorm_forward(
+            o,
+            b.output(1),
+            b.output(2),
+            b.input(inp),
+            b.input(weight),
+            b.input(bias),
+            cols,
+            LAYERNORM_EPS,
+        );
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &CpuBuf<T>,
+        dweight: &CpuBuf<T>,
+        dbias: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        inp: &CpuBuf<T>,
+        weight: &CpuBuf<T>,
+        mean: &CpuBuf<T>,
+        rstd: &CpuBuf<T>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        expect_len(op, "dinp", dinp, rows * cols)?;
+        expect_len(op, "dout", dout, rows * cols)?;
+        expect_len(op, "inp", inp, rows * cols)?;
+        expect_len(op, "dweight", dweight, cols)?;
+        expect_len(op, "dbias", dbias, cols)?;
+        expect_len(op, "weight", weight, cols)?;
+        expect_len(op, "mean", mean, rows)?;
+        expect_len(op, "rstd", rstd, rows)?;
+        let b = Borrows::check(
+            op,
+            &[("dinp", dinp), ("dweight", dweight), ("dbias", dbias)],
+            &[
+                ("dout", dout),
+                ("inp", inp),
+                ("weight", weight),
+                ("mean", mean),
+                ("rstd", rstd),
+            ],
+        )?;
+        let (dx, dw, db) = (b.output(0), b.output(1), b.output(2));
+        layernorm::layernorm_backward(
+            dx,
+            dw,
+            db,
+            b.input(dout),
+            b.input(inp),
+            b.input(weight),
+            b.input(mean),
+            b.input(rstd),
+            cols,
+        );
+        round_to_dtype(dinp.dtype(), dx);
+        round_to_dtype(dweight.dtype(), dw);
+        round_to_dtype(dbias.dtype(), db);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &CpuBuf<T>, inp: &CpuBuf<T>) -> Result<()> {
+        expect_len("gelu_forward", "inp", inp, out.len())?;
+        let b = Borrows::check("gelu_forward", &[("out", out)], &[("inp", inp)])?;
+        let o = b.output(0);
+        elementwise::gelu_forward(o, b.input(inp));
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dinp: &CpuBuf<T>, inp: &CpuBuf<T>, dout: &CpuBuf<T>) -> Result<()> {
+        expect_len("gelu_backward", "inp", inp, dinp.len())?;
+        expect_len("gelu_backward", "dout", dout, dinp.len())?;
+        let b = Borrows::check(
+            "gelu_backward",
+            &[("dinp", dinp)],
+            &[("inp", inp), ("dout", dout)],
+        )?;
+        let o = b.output(0);
+        elementwise::gelu_backward(o, b.input(inp), b.input(dout));
+        round_to_dtype(dinp.dtype(), o);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &CpuBuf<T>,
+        lse: &CpuBuf<T>,
+        qkv: &CpuBuf<T>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        let tokens = shape.batch * shape.seq;
+        expect_len(op, "out", out, tokens * shape.channels())?;
+        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
+        expect_len(op, "lse", lse, tokens * shape.heads)?;
+        expect_dtype(op, "lse", lse, DType::F32)?;
+        let b = Borrows::check(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
+        let o = b.output(0);
+        attention::attention_forward(o, b.output(1), b.input(qkv), shape);
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        qkv: &CpuBuf<T>,
+        out: &CpuBuf<T>,
+        lse: &CpuBuf<T>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let tokens = shape.batch * shape.seq;
+        expect_len(op, "dqkv", dqkv, tokens * 3 * shape.channels())?;
+        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
+        expect_len(op, "dout", dout, tokens * shape.channels())?;
+        expect_len(op, "out", out, tokens * shape.channels())?;
+        expect_len(op, "lse", lse, tokens * shape.heads)?;
+        let b = Borrows::check(
+            op,
+            &[("dqkv", dqkv)],
+            &[("dout", dout), ("qkv", qkv), ("out", out), ("lse", lse)],
+        )?;
+        let o = b.output(0);
+        attention::attention_backward(
+            o,
+            b.input(dout),
+            b.input(qkv),
+            b.input(out),
+            b.input(lse),
+            shape,
+        );
+        round_to_dtype(dqkv.dtype(), o);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &CpuBuf<T>,
+        ids: &CpuIds,
+        wte: &CpuBuf<T>,
+        wpe: &CpuBuf<T>,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        check_embedding_shapes(op, ids, wte, wpe, batch, seq, channels)?;
+        expect_len(op, "out", out, batch * seq * channels)?;
+        let b = Borrows::check(op, &[("out", out)], &[("wte", wte), ("wpe", wpe)])?;
+        let o = b.output(0);
+        embedding::embedding_forward(o, ids, b.input(wte), b.input(wpe), seq, channels);
+        round_to_dtype(out.dtype(), o);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &CpuBuf<T>,
+        dwpe: &CpuBuf<T>,
+        dout: &CpuBuf<T>,
+        ids: &CpuIds,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let op = "embedding_backward";
+        check_embedding_shapes(op, ids, dwte, dwpe, batch, seq, channels)?;
+        expect_len(op, "dout", dout, batch * seq * channels)?;
+        let b = Borrows::check(op, &[("dwte", dwte), ("dwpe", dwpe)], &[("dout", dout)])?;
+        let (dt, dp) = (b.output(0), b.output(1));
+        embedding::embedding_backward(dt, dp, b.input(dout), ids, seq, channels);
+        round_to_dtype(dwte.dtype(), dt);
+        round_to_dtype(dwpe.dtype(), dp);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: &CpuBuf<T>,
+        logits: &CpuBuf<T>,
+        targets: &CpuIds,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<()> {
+        let op = "cross_entropy";
+        expect_len(op, "losses", losses, rows)?;
+        expect_len(op, "logits", logits, rows * vocab)?;
+        expect_dtype(op, "losses", losses, DType::F32)?;
+        expect_ids(op, "targets", targets, rows)?;
+        expect_ids_below(op, "targets", targets, vocab)?;
+        let b = Borrows::check(op, &[("losses", losses), ("logits", logits)], &[])?;
+        let (l, g) = (b.output(0), b.output(1));
+        loss::cross_entropy(l, g, targets, vocab, grad_scale.map(T::of_f32));
+        if grad_scale.is_some() {
+            round_to_dtype(logits.dtype(), g);
+        }
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &CpuBuf<T>,
+        grad: &CpuBuf<T>,
+        m: &CpuBuf<T>,
+        v: &CpuBuf<T>,
+        param_copy: Option<&CpuBuf<T>>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw";
+        let n = param.len();
+        expect_len(op, "grad", grad, n)?;
+        expect_len(op, "m", m, n)?;
+        expect_len(op, "v", v, n)?;
+        for (what, buf) in [("param", param), ("m", m), ("v", v)] {
+            expect_dtype(op, what, buf, DType::F32)?;
+        }
+        let mut outs = vec![("param", param), ("m", m), ("v", v)];
+        if let Some(c) = param_copy {
+            expect_len(op, "param_copy", c, n)?;
+            outs.push(("param_copy", c));
+        }
+        let b = Borrows::check(op, &outs, &[("grad", grad)])?;
+        let copy = param_copy.map(|_| b.output(3));
+        let copy_dtype = param_copy.map(|c| c.dtype());
+        let (p, mo, vo) = (b.output(0), b.output(1), b.output(2));
+        let grad = b.input(grad);
+        match copy {
+            Some(c) => {
+                optim::adamw(p, grad, mo, vo, Some(&mut *c), hp);
+                round_to_dtype(copy_dtype.unwrap_or(DType::F32), c);
+            }
+            None => optim::adamw(p, grad, mo, vo, None, hp),
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, acc: &CpuBuf<T>, x: &CpuBuf<T>) -> Result<()> {
+        expect_len("sum_squares", "acc", acc, 1)?;
+        expect_dtype("sum_squares", "acc", acc, DType::F32)?;
+        let b = Borrows::check("sum_squares", &[("acc", acc)], &[("x", x)])?;
+        let a = b.output(0);
+        a[0] = T::of_f64(a[0].as_f64() + optim::sum_squares(b.input(x)));
+        Ok(())
+    }
+}
+
+fn check_embedding_shapes<T: Real>(
+    op: &str,
+    ids: &CpuIds,
+    wte: &CpuBuf<T>,
+    wpe: &CpuBuf<T>,
+    batch: usize,
+    seq: usize,
+    channels: usize,
+) -> Result<()> {
+    if channels == 0 || !wte.len().is_multiple_of(channels) || !wpe.len().is_multiple_of(channels) {
+        bail!(
+            "{op}: tables of {} and {} elements are not rows of {channels} channels",
+            wte.len(),
+            wpe.len()
+        );
+    }
+    if wpe.len() / channels < seq {
+        bail!(
+            "{op}: sequence length {seq} exceeds the {} positions of the position table",
+            wpe.len() / channels
+        );
+    }
+    expect_ids(op, "ids", ids, batch * seq)?;
+    expect_ids_below(op, "ids", ids, wte.len() / channels)
+}

@@ -1,0 +1,316 @@
+//! Backend: device buffers and every op the model and optimizer need, on one device.
+//!
+//! The model and the trainer are written only against the [`Backend`] trait; the CPU backend is the
+//! reference and the CUDA backend (a later layer) implements the same contract. Backends know nothing
+//! about ranks, sharding or models: they see flat buffers and explicit shapes, as llm.c's launchers do.
+//!
+//! Buffer semantics follow device memory, not Rust values: a [`Backend::Buf`] is a cheap handle to a
+//! range of device memory (cloning it does not copy data, [`Backend::slice`] makes a view), and ops
+//! write through handles passed by shared reference. The contract every op keeps:
+//! - ops on one backend instance run in issue order; outputs never alias inputs unless an op says so
+//!   (the CPU backend checks this and returns an error rather than computing garbage);
+//! - every length is checked against the shapes given; a mismatch is an error naming the operand;
+//! - a buffer's [`DType`] is its storage precision: an op computes in f32 (or better) and rounds each
+//!   value it stores to the destination's dtype, so bf16 numerics on the CPU match the GPU's.
+//! - "accumulates" means `dst += result` and "overwrites" means `dst = result`; each op's doc says
+//!   which for every output.
+
+pub mod cpu;
+
+use std::fmt::Debug;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Storage precision of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    /// Bytes one element occupies on a real device (used for memory accounting).
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        })
+    }
+}
+
+/// What every backend buffer handle can tell about itself.
+pub trait Buffer: Clone + Send + Sync + Debug {
+    /// Number of elements in this view.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn dtype(&self) -> DType;
+}
+
+/// A row-major matrix product: `out[m, n] (+)= op(a)[m, k] · op(b)[k, n] (+ bias[n])`.
+///
+/// `a` is stored `[m, k]`, or `[k, m]` when `trans_a`; `b` is stored `[k, n]`, or `[n, k]` when
+/// `trans_b` (the PyTorch `nn.Linear` weight layout `[out_features, in_features]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulSpec {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// `out += product` instead of `out = product` (gradient accumulation).
+    pub accumulate: bool,
+}
+
+/// Shape of causal self-attention over a fused QKV activation.
+///
+/// `qkv` is `[batch, seq, 3 * heads * head_dim]`: for each token, all query heads, then all key
+/// heads, then all value heads; head `h` occupies columns `h*head_dim .. (h+1)*head_dim` of its part.
+/// The attention output is `[batch, seq, heads * head_dim]` in the same head order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    pub fn channels(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    /// Multiplies every gradient before use (global-norm clipping, loss scaling).
+    pub grad_scale: f32,
+}
+
+/// LayerNorm epsilon, as in GPT-2 and PyTorch's default.
+pub const LAYERNORM_EPS: f32 = 1e-5;
+
+/// The ops of one device. Every op returns `Result`: shape or dtype mismatches and device failures
+/// are errors, never panics.
+pub trait Backend: Send + Sync + 'static {
+    /// Handle to a range of device memory (see the module docs for its semantics).
+    type Buf: Buffer;
+    /// Token ids on the device (u32).
+    type Ids: Send + Sync + Debug;
+
+    /// Human-readable device name, for logs and summaries.
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------
+
+    /// A new zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buf>;
+    /// A view of `len` elements of `buf` starting at `offset`, sharing its memory.
+    fn slice(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Self::Buf>;
+    /// Host f32 values into `dst` (same length), rounded to `dst`'s dtype.
+    fn upload(&self, dst: &Self::Buf, src: &[f32]) -> Result<()>;
+    /// The buffer's values, widened to f32.
+    fn download(&self, src: &Self::Buf) -> Result<Vec<f32>>;
+    /// Token ids onto the device.
+    fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
+    /// Waits until every op issued so far has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise --------------------------------------------------------------------------
+
+    /// Overwrites every element of `dst` with `value`.
+    fn fill(&self, dst: &Self::Buf, value: f32) -> Result<()>;
+    /// Overwrites `dst` with `src` (same length), casting between dtypes with round-to-nearest-even.
+    /// The backward of a cast is a cast of the gradient the other way: the same op.
+    fn copy(&self, dst: &Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// `dst *= alpha`, in place.
+    fn scale(&self, dst: &Self::Buf, alpha: f32) -> Result<()>;
+    /// Residual forward: overwrites `out = a + b`. Its backward hands the same gradient to both
+    /// inputs (see [`Backend::accumulate`]).
+    fn add(&self, out: &Self::Buf, a: &Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// `dst += src` (gradient accumulation, residual backward).
+    fn accumulate(&self, dst: &Self::Buf, src: &Self::Buf) -> Result<()>;
+
+    // ---- linear layers ------------------------------------------------------------------------
+
+    /// `out (+)= op(a) · op(b) (+ bias)`; see [`MatmulSpec`]. `bias` has `n` elements and is added
+    /// once per output row (also when accumulating).
+    fn matmul(
+        &self,
+        out: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        spec: MatmulSpec,
+    ) -> Result<()>;
+    /// Bias gradient of a linear layer: accumulates `dbias[c] += Σ_r dout[r, c]` over `rows`.
+    fn bias_backward(
+        &self,
+        dbias: &Self::Buf,
+        dout: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    // ---- layer norm ---------------------------------------------------------------------------
+
+    /// LayerNorm over the last dimension of `inp [rows, cols]`, eps [`LAYERNORM_EPS`].
+    /// Overwrites `out [rows, cols]`, and `mean [rows]`, `rstd [rows]` (f32, kept for backward).
+    fn layernorm_forward(
+        &self,
+        out: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        bias: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::layernorm_forward`]: accumulates into `dinp [rows, cols]` (it sits on
+    /// the residual stream), `dweight [cols]` and `dbias [cols]`.
+    fn layernorm_backward(
+        &self,
+        dinp: &Self::Buf,
+        dweight: &Self::Buf,
+        dbias: &Self::Buf,
+        dout: &Self::Buf,
+        inp: &Self::Buf,
+        weight: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    // ---- activations --------------------------------------------------------------------------
+
+    /// GELU, tanh approximation: overwrites `out = 0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`.
+    fn gelu_forward(&self, out: &Self::Buf, inp: &Self::Buf) -> Result<()>;
+    /// Overwrites `dinp = gelu'(inp) * dout`.
+    fn gelu_backward(&self, dinp: &Self::Buf, inp: &Self::Buf, dout: &Self::Buf) -> Result<()>;
+
+    // ---- attention ----------------------------------------------------------------------------
+
+    /// Causal multi-head attention, scale `1/√head_dim`, see [`AttentionShape`] for layouts.
+    /// Overwrites `out [batch, seq, channels]` and `lse [batch, heads, seq]` (f32: the log-sum-exp
+    /// of each query's scaled scores, all the backward needs: the `seq × seq` probabilities are
+    /// recomputed, never stored, as flash attention does).
+    fn attention_forward(
+        &self,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        qkv: &Self::Buf,
+        shape: AttentionShape,
+    ) -> Result<()>;
+    /// Backward of [`Backend::attention_forward`]: overwrites `dqkv [batch, seq, 3 * channels]`.
+    fn attention_backward(
+        &self,
+        dqkv: &Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        shape: AttentionShape,
+    ) -> Result<()>;
+
+    // ---- embeddings ---------------------------------------------------------------------------
+
+    /// Overwrites `out[b, t, :] = wte[ids[b, t], :] + wpe[t, :]`; `ids` holds `batch * seq` ids,
+    /// `wte` is `[vocab, channels]`, `wpe` is `[max_seq >= seq, channels]`. An id `>= vocab` is an error.
+    fn embedding_forward(
+        &self,
+        out: &Self::Buf,
+        ids: &Self::Ids,
+        wte: &Self::Buf,
+        wpe: &Self::Buf,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::embedding_forward`]: accumulates into `dwte` and the first `seq`
+    /// rows of `dwpe`.
+    fn embedding_backward(
+        &self,
+        dwte: &Self::Buf,
+        dwpe: &Self::Buf,
+        dout: &Self::Buf,
+        ids: &Self::Ids,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()>;
+
+    // ---- loss ---------------------------------------------------------------------------------
+
+    /// Fused softmax + cross-entropy over `logits [rows, vocab]` against `targets` (`rows` ids).
+    /// Overwrites `losses [rows]` (f32) with `-log softmax(logits)[target]`. With
+    /// `grad_scale = Some(s)`, also overwrites `logits` in place with its gradient
+    /// `s * (softmax(logits) - onehot(target))`, so the full logits never exist twice.
+    fn cross_entropy(
+        &self,
+        losses: &Self::Buf,
+        logits: &Self::Buf,
+        targets: &Self::Ids,
+        rows: usize,
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<()>;
+
+    // ---- optimizer ----------------------------------------------------------------------------
+
+    /// One AdamW update of `param` (the f32 master weights) from `grad`, with f32 moments `m` and
+    /// `v`, all the same length; all three are overwritten. When `param_copy` is given (the compute
+    /// copy, for example bf16), it is overwritten with the new weights in the same pass.
+    fn adamw(
+        &self,
+        param: &Self::Buf,
+        grad: &Self::Buf,
+        m: &Self::Buf,
+        v: &Self::Buf,
+        param_copy: Option<&Self::Buf>,
+        hp: &AdamWStep,
+    ) -> Result<()>;
+    /// Accumulates `acc[0] += Σ x²` (`acc` is a one-element f32 buffer), summing in f32 or better.
+    /// Global-norm clipping sums this over every gradient buffer (and, sharded, over ranks).
+    fn sum_squares(&self, acc: &Self::Buf, x: &Self::Buf) -> Result<()>;
+}
+
+/// Fails unless `buf` has exactly `expected` elements; `what` names the operand for the message.
+pub fn expect_len<B: Buffer>(op: &str, what: &str, buf: &B, expected: usize) -> Result<()> {
+    if buf.len() != expected {
+        bail!(
+            "{op}: `{what}` has {} elements, the shapes given need {expected}",
+            buf.len()
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless `buf` has the given dtype (for outputs whose precision the contract fixes).
+pub fn expect_dtype<B: Buffer>(op: &str, what: &str, buf: &B, dtype: DType) -> Result<()> {
+    if buf.dtype() != dtype {
+        bail!("{op}: `{what}` must be {dtype}, it is {}", buf.dtype());
+    }
+    Ok(())
+}
