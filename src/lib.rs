@@ -1,0 +1,10 @@
+//! shardtrain: a sharded (FSDP / ZeRO-style) GPT trainer.
+//!
+//! Layers, top to bottom (each depends only on those below it):
+//! `cli` (arguments, exit codes) -> `train` (the loop, metrics, run directory) ->
+//! `model` (GPT parameters, forward and hand-written backward) -> `backend` (buffers and ops on one
+//! device). `config` and `data` sit beside them, feeding the trainer.
+
+pub mod backend;
+pub mod data;
+pub mod model;
