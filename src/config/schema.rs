@@ -1,0 +1,274 @@
+// The typed configuration: one struct per YAML section, with defaults equal to configs/tiny.yaml.
+// Pure data plus two derived quantities; parsing lives in mod.rs, checks in validate.rs.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole training job, as read from a YAML file (see configs/tiny.yaml for every key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Shape of the GPT.
+    pub model: ModelConfig,
+    /// Where training and validation tokens come from.
+    pub data: DataConfig,
+    /// Optimisation: steps, batch sizes, learning-rate schedule, AdamW settings, evaluation.
+    pub train: TrainConfig,
+    /// How many ranks the job runs on.
+    pub parallel: ParallelConfig,
+    /// What is saved to the run directory.
+    pub checkpoint: CheckpointConfig,
+    /// Console and metrics-file output.
+    pub logging: LoggingConfig,
+    /// Which backend runs the job.
+    pub device: DeviceKind,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            parallel: ParallelConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            logging: LoggingConfig::default(),
+            device: DeviceKind::Auto,
+        }
+    }
+}
+
+/// Shape of the GPT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads per block; must divide d_model.
+    pub n_head: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Rows of the token embedding table (at least the tokenizer's vocabulary).
+    pub vocab_size: usize,
+    /// Rows of the position table: the longest sequence the model can ever see.
+    pub block_size: usize,
+    /// Tokens per training sequence (at most block_size).
+    pub seq_len: usize,
+    /// Standard deviation of the normal initialisation of weight matrices.
+    pub init_std: f32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            n_layer: 4,
+            n_head: 4,
+            d_model: 128,
+            vocab_size: 256,
+            block_size: 64,
+            seq_len: 64,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Width of one attention head (d_model / n_head; 0 when n_head is 0, which validation rejects).
+    pub fn head_dim(&self) -> usize {
+        self.d_model.checked_div(self.n_head).unwrap_or(0)
+    }
+}
+
+/// Source of training data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    /// Generated arithmetic problems (see data.synthetic).
+    Synthetic,
+}
+
+/// How text becomes tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// One token per byte (vocabulary of 256).
+    Bytes,
+}
+
+/// Where training and validation tokens come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Source of the data.
+    pub kind: DataKind,
+    /// How text becomes tokens.
+    pub tokenizer: TokenizerKind,
+    /// Settings of the synthetic source (used when kind is synthetic).
+    pub synthetic: SyntheticConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            kind: DataKind::Synthetic,
+            tokenizer: TokenizerKind::Bytes,
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+/// Settings of the synthetic addition-problem source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticConfig {
+    /// Largest operand of a generated problem.
+    pub max_operand: u32,
+    /// Share of problems held out for validation (strictly between 0 and 1).
+    pub val_fraction: f32,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            max_operand: 999,
+            val_fraction: 0.1,
+        }
+    }
+}
+
+/// Optimisation: steps, batch sizes, learning-rate schedule, AdamW settings, evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Number of optimiser steps.
+    pub max_steps: u64,
+    /// Sequences per forward/backward pass on one rank.
+    pub micro_batch_size: usize,
+    /// Sequences per optimiser step, over all ranks and accumulation steps.
+    pub global_batch_size: usize,
+    /// Peak learning rate (reached after warmup).
+    pub lr: f32,
+    /// Learning rate at the end of the decay.
+    pub min_lr: f32,
+    /// Steps of linear warmup from 0 to lr.
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub grad_clip: f32,
+    /// AdamW first-moment decay.
+    pub beta1: f32,
+    /// AdamW second-moment decay.
+    pub beta2: f32,
+    /// AdamW denominator epsilon.
+    pub eps: f32,
+    /// Evaluate on the validation split every this many steps; 0 disables evaluation.
+    pub eval_every: u64,
+    /// Validation tokens per evaluation.
+    pub eval_tokens: usize,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 300,
+            micro_batch_size: 16,
+            global_batch_size: 32,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            eval_every: 50,
+            eval_tokens: 8192,
+            seed: 1337,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Micro-batches each rank accumulates per optimiser step:
+    /// global_batch_size / (micro_batch_size * world_size), or 0 when the divisor is 0.
+    pub fn grad_accum_steps(&self, world_size: usize) -> usize {
+        self.micro_batch_size
+            .checked_mul(world_size)
+            .and_then(|per_pass| self.global_batch_size.checked_div(per_pass))
+            .unwrap_or(0)
+    }
+}
+
+/// How many ranks the job runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Number of ranks (1 until the sharding engine lands).
+    pub world_size: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { world_size: 1 }
+    }
+}
+
+/// What is saved to the run directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write the final weights to the run directory.
+    pub save_final: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { save_final: true }
+    }
+}
+
+/// Console and metrics-file output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Log a line (and a metrics record) every this many steps.
+    pub every_steps: u64,
+    /// Name of the JSON-lines metrics file inside the run directory.
+    pub metrics_file: String,
+    /// How progress is shown on the console.
+    pub progress: ProgressMode,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            every_steps: 10,
+            metrics_file: "metrics.jsonl".to_string(),
+            progress: ProgressMode::Auto,
+        }
+    }
+}
+
+/// How progress is shown on the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressMode {
+    /// A progress bar on a terminal, plain lines otherwise.
+    Auto,
+    /// Always a progress bar.
+    Bar,
+    /// Always plain log lines.
+    Plain,
+}
+
+/// Which backend runs the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// The best backend available on this machine.
+    Auto,
+    /// The CPU reference backend.
+    Cpu,
+}
