@@ -6,5 +6,9 @@
 //! device). `config` and `data` sit beside them, feeding the trainer.
 
 pub mod backend;
+pub mod cli;
+pub mod config;
 pub mod data;
+pub mod generate;
 pub mod model;
+pub mod train;

@@ -1,0 +1,164 @@
+//! The command line: argument definitions, turning them into validated settings, and mapping
+//! failures to exit codes (2: bad input, the user must change something; 1: the run failed).
+//! Knows which subcommand calls which layer, and nothing of how training works.
+
+mod run_dir;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+use crate::generate::{sample_from_run, SampleOptions};
+use crate::train::{self, CONFIG_FILE};
+pub use run_dir::UsageError;
+
+/// shardtrain trains GPT language models, sharding parameters, gradients and optimizer state
+/// across devices (FSDP / ZeRO style). With no GPU it trains on the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "shardtrain", about, long_about = None)]
+#[command(version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SHARDTRAIN_COMMIT"), ")"))]
+#[command(
+    after_help = "Start here:\n  shardtrain train                      train the built-in tiny job on the synthetic corpus\n  shardtrain train --print-config       show every setting it uses\n  shardtrain sample --run-dir runs/...  generate text from a finished run"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model from a YAML config (the built-in configs/tiny.yaml when none is given).
+    Train(TrainArgs),
+    /// Generate text from the final weights of a finished training run.
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// YAML config file. Without it, the built-in default job (configs/tiny.yaml) runs.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override one config key, for example `--set train.lr=1e-3` (repeatable; applied in order).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Number of ranks: short for `--set parallel.world_size=N`.
+    #[arg(long, value_name = "N")]
+    world: Option<usize>,
+    /// Where this run writes its config, metrics and weights. Must not exist or be empty.
+    /// Default: runs/<config name>-<UTC date-time>.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Print the fully resolved config (every default included) and exit without training.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Debug, Args)]
+struct SampleArgs {
+    /// Run directory of a finished training run (holds config.yaml and model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    run_dir: PathBuf,
+    /// Text to continue. Empty: start a new line.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 always picks the most likely token.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens; 0 means all of them.
+    #[arg(long, default_value_t = 20)]
+    top_k: usize,
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Entry point of the binary: parses arguments, runs, prints errors, picks the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits 2 with clap's own message on bad arguments
+    init_logging();
+    match try_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<ConfigError>().is_some()
+                || err.downcast_ref::<UsageError>().is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn try_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train_command(args),
+        Command::Sample(args) => sample_command(args),
+    }
+}
+
+fn train_command(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.set;
+    if let Some(n) = args.world {
+        overrides.push(format!("parallel.world_size={n}"));
+    }
+    // Everything is validated before anything is written.
+    let cfg = Config::load(args.config.as_deref(), &overrides)?;
+    if args.print_config {
+        print!("{}", cfg.to_yaml());
+        return Ok(());
+    }
+    let config_name = args
+        .config
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .map_or_else(|| "tiny".to_string(), |s| s.to_string_lossy().into_owned());
+    let dir = run_dir::prepare(args.run_dir, &config_name)?;
+    std::fs::write(dir.join(CONFIG_FILE), cfg.to_yaml())?;
+    println!("run directory: {}", dir.display());
+    let s = train::train(&cfg, &dir)?;
+    let val = s
+        .final_val_loss
+        .map(|v| format!(", val_loss {v:.4}"))
+        .unwrap_or_default();
+    println!(
+        "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s) | loss {:.4} -> {:.4}{val} | {}",
+        s.steps,
+        s.tokens,
+        s.train_seconds,
+        s.tokens_per_s,
+        s.first_loss,
+        s.final_loss,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn sample_command(args: SampleArgs) -> Result<()> {
+    let opts = SampleOptions {
+        prompt: args.prompt,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    let text = sample_from_run(&args.run_dir, &opts)?;
+    println!("{}{text}", opts.prompt);
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The run directory: chosen (or named by the user), checked never to overwrite an earlier run,
+//! and created before training writes anything into it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+/// Input the user must change (exit code 2), other than a config error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Creates the run directory: `explicit` if given (it must not exist or be empty), otherwise a
+/// fresh `runs/<name>-<UTC date-time>`.
+pub fn prepare(explicit: Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(dir) => {
+            if is_nonempty(&dir)? {
+                return Err(UsageError(format!(
+                    "the run directory {} already exists and is not empty; choose another --run-dir (nothing was written)",
+                    dir.display()
+                ))
+                .into());
+            }
+            dir
+        }
+        None => fresh_default(name),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the run directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn is_nonempty(dir: &Path) -> Result<bool> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    if !dir.is_dir() {
+        return Ok(true);
+    }
+    let mut entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    Ok(entries.next().is_some())
+}
+
+fn fresh_default(name: &str) -> PathBuf {
+    let base = format!("{name}-{}", utc_stamp(SystemTime::now()));
+    let runs = Path::new("runs");
+    let mut dir = runs.join(&base);
+    let mut n = 2;
+    while dir.exists() {
+        dir = runs.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    dir
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC (civil-from-days, proleptic Gregorian calendar).
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stamps_known_dates() {
+        let at = |s| utc_stamp(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "19700101-000000");
+        assert_eq!(at(951_782_400), "20000229-000000");
+        assert_eq!(at(1_795_691_107), "20261126-110507");
+    }
+
+    #[test]
+    fn refuses_a_nonempty_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("metrics.jsonl"), "{}").unwrap();
+        let err = prepare(Some(tmp.path().to_owned()), "x").unwrap_err();
+        assert!(err.downcast_ref::<UsageError>().is_some());
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert_eq!(prepare(Some(empty.clone()), "x").unwrap(), empty);
+    }
+}
