@@ -198,6 +198,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_forward";
+        if cols == 0 {
+            bail!("{op}: cols must be at least 1");
+        }
         expect_len(op, "out", out, rows * cols)?;
         expect_len(op, "inp", inp, rows * cols)?;
         expect_len(op, "mean", mean, rows)?;
@@ -240,6 +243,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
+        if cols == 0 {
+            bail!("{op}: cols must be at least 1");
+        }
         expect_len(op, "dinp", dinp, rows * cols)?;
         expect_len(op, "dout", dout, rows * cols)?;
         expect_len(op, "inp", inp, rows * cols)?;
@@ -405,6 +411,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         grad_scale: Option<f32>,
     ) -> Result<()> {
         let op = "cross_entropy";
+        if vocab == 0 {
+            bail!("{op}: vocab must be at least 1");
+        }
         expect_len(op, "losses", losses, rows)?;
         expect_len(op, "logits", logits, rows * vocab)?;
         expect_dtype(op, "losses", losses, DType::F32)?;
