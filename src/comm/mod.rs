@@ -1,0 +1,86 @@
+//! Collectives between ranks: the [`Communicator`] trait the shard layer is written against, and
+//! its transports (`local`: ranks are threads of one process sharing one address space). Data moves
+//! only through the Backend's own ops, so a transport serves any backend whose buffers it can reach.
+
+pub mod local;
+
+use anyhow::Result;
+
+use crate::backend::Backend;
+
+pub use local::{run_ranks, LocalComm, LocalWorld};
+
+/// How a reduction combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// The sum over ranks, added in group-rank order 0, 1, 2, ... (deterministic).
+    Sum,
+    /// The sum (as [`ReduceOp::Sum`]), then scaled by `1 / world_size` (one rounding more).
+    Avg,
+}
+
+impl std::fmt::Display for ReduceOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Avg => "avg",
+        })
+    }
+}
+
+/// One rank's handle on a group of ranks, through which it takes part in collectives.
+///
+/// Contract shared by every transport:
+/// - every rank of the group calls the same collectives in the same order, with buffers of the
+///   same lengths and dtypes (per operand) on every rank; a mismatch, or ranks calling different
+///   collectives at the same sequence number, is an error returned on every rank of the group,
+///   naming the collective, its sequence number and the ranks;
+/// - every collective has a timeout; when a rank fails (an error, a panic, or not arriving in
+///   time), every other rank's pending and later collectives return an error naming that rank,
+///   never hang;
+/// - reductions add in group-rank order, so every rank gets bit-identical results, and a run is
+///   reproducible. Each partial sum is stored in the destination buffer's dtype: with bf16 buffers
+///   every partial sum is rounded to bf16 (what [`Backend::accumulate`] does on a bf16
+///   destination), so `((x0 + x1)_bf16 + x2)_bf16`, not one rounding of the exact sum;
+/// - a copy into a destination of another dtype casts, as [`Backend::copy`] does;
+/// - outputs must not overlap inputs on the same rank (no in-place all_gather or reduce_scatter;
+///   [`Communicator::all_reduce`] and [`Communicator::broadcast`] are in place by definition);
+/// - a communicator is used by one thread at a time (the one running its rank).
+///
+/// The generic methods make the trait not object-safe, on purpose: the shard layer is generic
+/// over the communicator type.
+pub trait Communicator: Send + Sync {
+    /// This rank's index within the group (0-based, in the order of [`Communicator::ranks`]).
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+    /// Global ranks of the group, in group-rank order.
+    fn ranks(&self) -> &[usize];
+
+    /// `shard` has `n` elements on every rank; `out` (`n * world_size` elements) receives group
+    /// rank `i`'s shard at `i * n`. `out` must not overlap `shard`.
+    fn all_gather<B: Backend>(&self, be: &B, out: &B::Buf, shard: &B::Buf) -> Result<()>;
+
+    /// `full` has `n * world_size` elements on every rank; `out` (`n` elements) receives the
+    /// reduction over ranks of their `full[rank * n .. (rank + 1) * n]` (this rank's piece). Sum
+    /// adds in group-rank order, each partial sum stored in `out`'s dtype; Avg is Sum, then a
+    /// scale by `1 / world_size`. `out` must not overlap `full`.
+    fn reduce_scatter<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        full: &B::Buf,
+        op: ReduceOp,
+    ) -> Result<()>;
+
+    /// Reduces `buf` over ranks, in place; every rank gets the same result (Sum adds in group-rank
+    /// order, each partial sum stored in `buf`'s dtype; Avg is Sum, then a scale by
+    /// `1 / world_size`).
+    fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()>;
+
+    /// Overwrites `buf` on every rank with `buf` of group rank `root`.
+    fn broadcast<B: Backend>(&self, be: &B, buf: &B::Buf, root: usize) -> Result<()>;
+
+    /// Returns once every rank of the group has called it.
+    fn barrier(&self) -> Result<()>;
+}
