@@ -7,8 +7,10 @@
 
 pub mod backend;
 pub mod cli;
+pub mod comm;
 pub mod config;
 pub mod data;
 pub mod generate;
 pub mod model;
+pub mod shard;
 pub mod train;

@@ -111,6 +111,74 @@ fn quick_run_trains_writes_its_run_dir_and_samples() {
     assert_eq!(a, sample("1"), "the same seed gives the same text");
 }
 
+fn losses(dir: &Path) -> Vec<f64> {
+    metrics(dir)
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn four_ranks_full_shard_train_to_the_losses_of_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for world in ["1", "4"] {
+        let dir = tmp.path().join(format!("world{world}"));
+        let mut args = vec![
+            "train",
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--world",
+            world,
+        ];
+        args.extend_from_slice(QUICK);
+        args.extend_from_slice(&[
+            "--set",
+            "train.micro_batch_size=4",
+            "--set",
+            "train.max_steps=10",
+            "--set",
+            "parallel.strategy=full_shard",
+        ]);
+        let out = shardtrain(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("memory of rank 0"), "{stdout}");
+        runs.push(losses(&dir));
+    }
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{:?} vs {:?}",
+            runs[0],
+            runs[1]
+        );
+    }
+}
+
+#[test]
+fn dry_run_prints_the_layout_and_memory_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = shardtrain(&[
+        "train",
+        "--dry-run",
+        "--world",
+        "4",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needle in ["embed_head", "h.3", "per rank", "ZeRO", "(4+4+8)Ψ/4"] {
+        assert!(
+            stdout.contains(needle),
+            "`{needle}` missing from:\n{stdout}"
+        );
+    }
+    assert!(!run.exists());
+}
+
 #[test]
 fn print_config_round_trips_and_shows_overrides() {
     let tmp = tempfile::tempdir().unwrap();

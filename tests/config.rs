@@ -3,7 +3,7 @@
 // `--set`), the dotted key and the line.
 
 use shardtrain::config::{
-    Config, ConfigError, DeviceKind, ProgressMode, EMBEDDED_DEFAULT, EMBEDDED_ORIGIN,
+    Config, ConfigError, DeviceKind, ProgressMode, ShardStrategy, EMBEDDED_DEFAULT, EMBEDDED_ORIGIN,
 };
 use std::path::{Path, PathBuf};
 
@@ -80,7 +80,8 @@ fn shipped_configs_load_and_validate() {
     let tiny = Config::load(Some(&shipped("tiny.yaml")), &[]).expect("tiny.yaml loads");
     assert_eq!(tiny.validate(), Ok(()));
     assert_eq!(tiny.model.head_dim(), 32);
-    assert_eq!(tiny.train.grad_accum_steps(1), 2);
+    assert_eq!(tiny.train.grad_accum_steps(1), 4);
+    assert_eq!(tiny.train.grad_accum_steps(4), 1);
 
     let gpt2 = Config::load(Some(&shipped("gpt2-124m.yaml")), &[]).expect("gpt2-124m.yaml loads");
     assert_eq!(gpt2.validate(), Ok(()));
@@ -257,11 +258,11 @@ fn overrides_apply_on_top_of_a_file() {
 
 #[test]
 fn an_override_can_fix_a_bad_file_value() {
-    let (text, _) = tiny_with("world_size", "2");
+    let (text, _) = tiny_with("world_size", "0");
     assert!(Config::from_yaml_str(&text, ORIGIN, &[]).is_err());
-    let cfg = Config::from_yaml_str(&text, ORIGIN, &strings(&["parallel.world_size=1"]))
+    let cfg = Config::from_yaml_str(&text, ORIGIN, &strings(&["parallel.world_size=2"]))
         .expect("the override wins over the file");
-    assert_eq!(cfg.parallel.world_size, 1);
+    assert_eq!(cfg.parallel.world_size, 2);
 }
 
 // ---------------------------------------------------------------- parse-level errors in the file
@@ -447,7 +448,7 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "global_batch_size",
-        "40",
+        "36",
         "train.global_batch_size",
         "batch not divisible into micro-batches",
     ),
@@ -517,9 +518,9 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     ("eps", "-.inf", "train.eps", "must be a finite number > 0"),
     (
         "eval_tokens",
-        "1023",
+        "511",
         "train.eval_tokens",
-        "must be at least train.micro_batch_size x model.seq_len (16 x 64 = 1024)",
+        "must be at least train.micro_batch_size x model.seq_len (8 x 64 = 512)",
     ),
     (
         "max_operand",
@@ -575,17 +576,18 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "logging.metrics_file",
         "plain file name",
     ),
+    ("world_size", "0", "parallel.world_size", "at least 1"),
     (
-        "world_size",
-        "2",
-        "parallel.world_size",
-        "sharded training across ranks is not available in this version yet",
+        "collective_timeout_s",
+        "0",
+        "parallel.collective_timeout_s",
+        "finite number > 0",
     ),
     (
-        "world_size",
-        "0",
-        "parallel.world_size",
-        "sharded training across ranks is not available in this version yet",
+        "collective_timeout_s",
+        ".inf",
+        "parallel.collective_timeout_s",
+        "finite number > 0",
     ),
 ];
 
@@ -684,13 +686,34 @@ fn validation_of_overridden_values_names_the_override() {
         msg,
         "--set model.n_head=3: model.d_model: 128 is not divisible by model.n_head (3)"
     );
-    let msg = Config::load(None, &strings(&["parallel.world_size=4"]))
-        .expect_err("world 4")
+    let msg = Config::load(None, &strings(&["parallel.world_size=0"]))
+        .expect_err("world 0")
         .message;
     assert_contains(
         &msg,
-        "--set parallel.world_size=4: parallel.world_size: must be 1",
+        "--set parallel.world_size=0: parallel.world_size: must be at least 1",
     );
+}
+
+#[test]
+fn hybrid_shard_needs_a_group_size_dividing_the_world() {
+    let base = ["parallel.strategy=hybrid_shard", "parallel.world_size=4"];
+    for bad in ["0", "3"] {
+        let set = format!("parallel.shard_group_size={bad}");
+        let mut overrides = base.to_vec();
+        overrides.push(&set);
+        let msg = Config::load(None, &strings(&overrides))
+            .expect_err("bad group size")
+            .message;
+        assert_contains(
+            &msg,
+            "parallel.shard_group_size: hybrid_shard needs a shard group size",
+        );
+    }
+    let mut overrides = base.to_vec();
+    overrides.push("parallel.shard_group_size=2");
+    let cfg = Config::load(None, &strings(&overrides)).expect("group of 2 in a world of 4");
+    assert_eq!(cfg.parallel.strategy, ShardStrategy::HybridShard);
 }
 
 #[test]

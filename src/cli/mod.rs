@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
 use crate::generate::{sample_from_run, SampleOptions};
+use crate::shard::memory::mib;
 use crate::train::{self, CONFIG_FILE};
 pub use run_dir::UsageError;
 
@@ -54,6 +55,10 @@ struct TrainArgs {
     /// Print the fully resolved config (every default included) and exit without training.
     #[arg(long)]
     print_config: bool,
+    /// Print the unit layout, how it is sharded, and the memory per rank; then exit without
+    /// training or writing anything.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +129,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
         print!("{}", cfg.to_yaml());
         return Ok(());
     }
+    if args.dry_run {
+        print!("{}", train::describe_plan(&cfg));
+        return Ok(());
+    }
     let config_name = args
         .config
         .as_deref()
@@ -146,6 +155,19 @@ fn train_command(args: TrainArgs) -> Result<()> {
         s.first_loss,
         s.final_loss,
         dir.display()
+    );
+    let m = &s.memory;
+    println!(
+        "memory of rank 0: master params {} | param shards {} | gathered params (peak) {} | grads {} | optimizer {} | activations {} | total {} (ZeRO model state {} = {})",
+        mib(m.master_params),
+        mib(m.param_shards),
+        mib(m.gathered_params_peak),
+        mib(m.grads),
+        mib(m.optimizer),
+        mib(m.activations),
+        mib(m.total()),
+        s.zero_formula.0,
+        mib(s.zero_formula.1),
     );
     Ok(())
 }

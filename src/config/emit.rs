@@ -21,7 +21,12 @@ pub(crate) fn to_yaml(config: &Config) -> String {
         "optimisation and evaluation",
         &config.train,
     );
-    section(&mut out, "parallel", "number of ranks", &config.parallel);
+    section(
+        &mut out,
+        "parallel",
+        "ranks, sharding strategy, mixed precision",
+        &config.parallel,
+    );
     section(
         &mut out,
         "checkpoint",

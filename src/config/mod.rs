@@ -10,8 +10,9 @@ mod schema;
 mod validate;
 
 pub use schema::{
-    CheckpointConfig, Config, DataConfig, DataKind, DeviceKind, LoggingConfig, ModelConfig,
-    ParallelConfig, ProgressMode, SyntheticConfig, TokenizerKind, TrainConfig,
+    CheckpointConfig, Config, DataConfig, DataKind, DeviceKind, LoggingConfig, MixedPrecision,
+    ModelConfig, ParallelConfig, ProgressMode, ShardStrategy, SyntheticConfig, TokenizerKind,
+    TrainConfig,
 };
 
 use std::fmt;

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::DType;
+
 /// A whole training job, as read from a YAML file (see configs/tiny.yaml for every key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -13,7 +15,7 @@ pub struct Config {
     pub data: DataConfig,
     /// Optimisation: steps, batch sizes, learning-rate schedule, AdamW settings, evaluation.
     pub train: TrainConfig,
-    /// How many ranks the job runs on.
+    /// How the job is split across ranks.
     pub parallel: ParallelConfig,
     /// What is saved to the run directory.
     pub checkpoint: CheckpointConfig,
@@ -173,7 +175,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             max_steps: 300,
-            micro_batch_size: 16,
+            micro_batch_size: 8,
             global_batch_size: 32,
             lr: 3e-3,
             min_lr: 3e-4,
@@ -201,17 +203,69 @@ impl TrainConfig {
     }
 }
 
-/// How many ranks the job runs on.
+/// How the job is split across ranks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
-    /// Number of ranks (1 until the sharding engine lands).
+    /// Number of ranks (threads on the CPU backend).
     pub world_size: usize,
+    /// What is sharded across ranks (FSDP's sharding strategies / ZeRO stages).
+    pub strategy: ShardStrategy,
+    /// hybrid_shard only: ranks per shard group (must divide world_size); groups replicate.
+    pub shard_group_size: usize,
+    /// Precision of gathered parameters and of gradient collectives; master weights are always f32.
+    pub mixed_precision: MixedPrecision,
+    /// Seconds a rank waits in one collective before the job fails naming the missing ranks.
+    pub collective_timeout_s: f64,
+    /// Gather the next unit's parameters before computing the current one.
+    pub prefetch: bool,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { world_size: 1 }
+        ParallelConfig {
+            world_size: 1,
+            strategy: ShardStrategy::FullShard,
+            shard_group_size: 0,
+            mixed_precision: MixedPrecision::default(),
+            collective_timeout_s: 60.0,
+            prefetch: true,
+        }
+    }
+}
+
+/// What is sharded across ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardStrategy {
+    /// ZeRO-3: parameters, gradients and optimizer state sharded; parameters gathered per unit
+    /// before use and freed after, in forward and again in backward.
+    FullShard,
+    /// ZeRO-2: gradients and optimizer state sharded; gathered parameters kept from forward to
+    /// backward.
+    ShardGradOp,
+    /// DDP: everything replicated, gradients all-reduced.
+    NoShard,
+    /// full_shard inside groups of shard_group_size ranks, replicated across groups.
+    HybridShard,
+}
+
+/// Mixed precision policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixedPrecision {
+    /// Precision of gathered parameters, activations and compute (f32 or bf16).
+    pub param_dtype: DType,
+    /// Precision of gradients in collectives (f32 or bf16).
+    pub reduce_dtype: DType,
+}
+
+impl Default for MixedPrecision {
+    fn default() -> Self {
+        MixedPrecision {
+            param_dtype: DType::F32,
+            reduce_dtype: DType::F32,
+        }
     }
 }
 

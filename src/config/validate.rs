@@ -1,7 +1,7 @@
 // The rules a config must satisfy before training starts (impossible or unsupported values).
 // Pure: returns every problem as (dotted key, what is wrong); report.rs adds file and line.
 
-use super::schema::{Config, TokenizerKind};
+use super::schema::{Config, ShardStrategy, TokenizerKind};
 
 /// Collects the problems of a config, in section order.
 struct Problems(Vec<(String, String)>);
@@ -166,13 +166,26 @@ fn train(config: &Config, out: &mut Problems) {
 }
 
 fn parallel(config: &Config, out: &mut Problems) {
-    let world = config.parallel.world_size;
-    if world != 1 {
+    let p = &config.parallel;
+    out.at_least_one("parallel.world_size", p.world_size as u64);
+    if p.strategy == ShardStrategy::HybridShard {
+        let g = p.shard_group_size;
+        if g == 0 || !p.world_size.is_multiple_of(g) {
+            out.push(
+                "parallel.shard_group_size",
+                format!(
+                    "hybrid_shard needs a shard group size that divides parallel.world_size ({}), got {g}",
+                    p.world_size
+                ),
+            );
+        }
+    }
+    if !(p.collective_timeout_s.is_finite() && p.collective_timeout_s > 0.0) {
         out.push(
-            "parallel.world_size",
+            "parallel.collective_timeout_s",
             format!(
-                "must be 1 (got {world}): sharded training across ranks is not available in this \
-                 version yet (it arrives with the sharding engine)"
+                "must be a finite number > 0 (got {})",
+                p.collective_timeout_s
             ),
         );
     }

@@ -37,6 +37,17 @@ impl Batch {
         }
     }
 
+    /// `count` rows starting at row `start` (a rank's slice of a global batch).
+    pub fn rows(&self, start: usize, count: usize) -> Batch {
+        let range = start * self.seq..(start + count) * self.seq;
+        Batch {
+            inputs: self.inputs[range.clone()].to_vec(),
+            targets: self.targets[range].to_vec(),
+            batch: count,
+            seq: self.seq,
+        }
+    }
+
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
     }

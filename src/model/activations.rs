@@ -4,7 +4,22 @@
 use anyhow::Result;
 
 use super::layout::GptShape;
+
 use crate::backend::{Backend, Buffer, DType};
+
+/// Bytes [`Activations::alloc`] allocates for this shape, without allocating (for planning).
+pub fn activation_bytes(s: &GptShape, batch: usize, seq: usize, dtype: DType) -> usize {
+    let n = batch * seq;
+    let c = s.d_model;
+    let act = dtype.size_bytes();
+    // Per block: ln1, atty, residual2, ln2, residual3 (N x C); qkv (N x 3C); fch, fch_gelu (N x 4C);
+    // f32 statistics: 4 x N (LayerNorm mean/rstd) + NH x N (attention lse).
+    let per_block = (5 * n * c + 3 * n * c + 8 * n * c) * act + (4 * n + s.n_head * n) * 4;
+    // encoded, lnf, branch_out, dresidual, dln, datty (N x C); dqkv (N x 3C); dfch_gelu, dfch
+    // (N x 4C); logits (N x V); f32: lnf mean/rstd, losses (3 x N).
+    let top = (6 * n * c + 3 * n * c + 8 * n * c + n * s.vocab_size) * act + 3 * n * 4;
+    s.n_layer * per_block + top
+}
 
 /// Saved activations of one transformer block.
 pub struct BlockActs<B: Backend> {
@@ -150,5 +165,27 @@ impl<B: Backend> Activations<B> {
             .into_iter()
             .map(size)
             .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn planned_bytes_match_the_allocation() {
+        let s = GptShape {
+            n_layer: 3,
+            n_head: 2,
+            d_model: 8,
+            vocab_size: 19,
+            block_size: 9,
+        };
+        let be = CpuBackend::<f32>::new();
+        for dtype in [DType::F32, DType::Bf16] {
+            let acts = Activations::alloc(&be, &s, 3, 7, dtype).unwrap();
+            assert_eq!(acts.bytes(), activation_bytes(&s, 3, 7, dtype));
+        }
     }
 }

@@ -158,13 +158,13 @@ impl<B: Backend> Gpt<B> {
             head_dim: c / s.n_head,
         };
 
-        let root_buf = units.params(ParamLayout::EMBED_HEAD_UNIT)?;
+        let root_buf = units.params(be, ParamLayout::EMBED_HEAD_UNIT)?;
         let root = EmbedHeadViews::new(be, layout, &root_buf)?;
         be.embedding_forward(&acts.encoded, inputs, &root.wte, &root.wpe, batch, seq, c)?;
 
         for (l, a) in acts.blocks.iter().enumerate() {
             let unit = ParamLayout::block_unit(l);
-            let buf = units.params(unit)?;
+            let buf = units.params(be, unit)?;
             let p = BlockViews::new(be, layout, l, &buf)?;
             let x = block_input(acts, l);
             be.layernorm_forward(
@@ -213,7 +213,7 @@ impl<B: Backend> Gpt<B> {
                 c,
             )?;
             be.add(&a.residual3, &a.residual2, &acts.branch_out)?;
-            units.forward_done(unit)?;
+            units.forward_done(be, unit)?;
         }
 
         let last = block_input(acts, s.n_layer);
@@ -237,7 +237,7 @@ impl<B: Backend> Gpt<B> {
             c,
             s.vocab_size,
         )?;
-        units.forward_done(ParamLayout::EMBED_HEAD_UNIT)?;
+        units.forward_done(be, ParamLayout::EMBED_HEAD_UNIT)?;
         if let Some(targets) = targets {
             be.cross_entropy(
                 &acts.losses,
@@ -273,8 +273,8 @@ impl<B: Backend> Gpt<B> {
             heads: s.n_head,
             head_dim: c / s.n_head,
         };
-        let root_buf = units.params(ParamLayout::EMBED_HEAD_UNIT)?;
-        let root_grad_buf = units.grads(ParamLayout::EMBED_HEAD_UNIT)?;
+        let root_buf = units.params(be, ParamLayout::EMBED_HEAD_UNIT)?;
+        let root_grad_buf = units.grads(be, ParamLayout::EMBED_HEAD_UNIT)?;
         let root = EmbedHeadViews::new(be, layout, &root_buf)?;
         let droot = EmbedHeadViews::new(be, layout, &root_grad_buf)?;
 
@@ -309,8 +309,8 @@ impl<B: Backend> Gpt<B> {
 
         for (l, a) in acts.blocks.iter().enumerate().rev() {
             let unit = ParamLayout::block_unit(l);
-            let buf = units.params(unit)?;
-            let gbuf = units.grads(unit)?;
+            let buf = units.params(be, unit)?;
+            let gbuf = units.grads(be, unit)?;
             let p = BlockViews::new(be, layout, l, &buf)?;
             let g = BlockViews::new(be, layout, l, &gbuf)?;
             let x = block_input(acts, l);
@@ -390,7 +390,7 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             )?;
-            units.backward_done(unit)?;
+            units.backward_done(be, unit)?;
         }
 
         // encoded = wte[ids] + wpe[t]
@@ -403,7 +403,7 @@ impl<B: Backend> Gpt<B> {
             seq,
             c,
         )?;
-        units.backward_done(ParamLayout::EMBED_HEAD_UNIT)
+        units.backward_done(be, ParamLayout::EMBED_HEAD_UNIT)
     }
 
     /// Mean of the per-token losses of the last forward pass with targets.

@@ -17,13 +17,13 @@ use crate::backend::{Backend, Buffer, DType};
 /// Source of a unit's full parameters (in the compute dtype) and sink of its gradients.
 pub trait UnitAccess<B: Backend> {
     /// The unit's full parameter buffer, valid until the matching `*_done`.
-    fn params(&mut self, unit: usize) -> Result<B::Buf>;
+    fn params(&mut self, be: &B, unit: usize) -> Result<B::Buf>;
     /// The unit's gradient buffer; backward ops accumulate into it.
-    fn grads(&mut self, unit: usize) -> Result<B::Buf>;
+    fn grads(&mut self, be: &B, unit: usize) -> Result<B::Buf>;
     /// The forward pass no longer needs this unit's parameters.
-    fn forward_done(&mut self, unit: usize) -> Result<()>;
+    fn forward_done(&mut self, be: &B, unit: usize) -> Result<()>;
     /// This unit's gradients for the current micro-batch are complete.
-    fn backward_done(&mut self, unit: usize) -> Result<()>;
+    fn backward_done(&mut self, be: &B, unit: usize) -> Result<()>;
 }
 
 /// Every unit's parameters and gradients resident on one device (world size 1).
@@ -50,16 +50,16 @@ impl<B: Backend> ResidentParams<B> {
 }
 
 impl<B: Backend> UnitAccess<B> for ResidentParams<B> {
-    fn params(&mut self, unit: usize) -> Result<B::Buf> {
+    fn params(&mut self, _be: &B, unit: usize) -> Result<B::Buf> {
         Ok(self.params[unit].clone())
     }
-    fn grads(&mut self, unit: usize) -> Result<B::Buf> {
+    fn grads(&mut self, _be: &B, unit: usize) -> Result<B::Buf> {
         Ok(self.grads[unit].clone())
     }
-    fn forward_done(&mut self, _unit: usize) -> Result<()> {
+    fn forward_done(&mut self, _be: &B, _unit: usize) -> Result<()> {
         Ok(())
     }
-    fn backward_done(&mut self, _unit: usize) -> Result<()> {
+    fn backward_done(&mut self, _be: &B, _unit: usize) -> Result<()> {
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
-//! The training loop: builds the backend, model, optimizer and data from a validated config, runs
-//! the steps (gradient accumulation, clipping, AdamW, schedule, evaluation) and writes the run
-//! directory: `config.yaml`, the metrics file, `model.safetensors`, `summary.json`.
+//! The training loop: builds, for each rank, the backend, model, sharding engine, optimizer and
+//! data slice from a validated config, runs the steps (gradient accumulation, global-norm
+//! clipping, sharded AdamW, schedule, evaluation) and, on rank 0, writes the run directory:
+//! `config.yaml`, the metrics file, `model.safetensors`, `summary.json`. Ranks are threads
+//! sharing this process, talking through the `local` communicator.
 
 pub mod metrics;
 pub mod optimizer;
@@ -9,18 +11,25 @@ pub mod schedule;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, DType};
+use crate::backend::{Backend, Buffer, DType};
+use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
+use crate::comm::{Communicator, ReduceOp};
 use crate::config::{Config, DeviceKind};
 use crate::data::synthetic::{ArithmeticCorpus, Split};
-use crate::data::DataSource;
+use crate::data::{Batch, DataSource};
+use crate::model::activations::activation_bytes;
 use crate::model::init::init_tensor;
-use crate::model::{Gpt, GptShape, ParamLayout, ResidentParams};
+use crate::model::{Gpt, GptShape, ParamLayout};
+use crate::shard::flat::ShardLayout;
+use crate::shard::memory::{mib, zero_model_state_bytes, MemoryUse};
+use crate::shard::{RankComms, ShardPlan, ShardedUnits};
 use metrics::{MetricsWriter, StepRecord};
 use optimizer::{AdamW, AdamWConfig};
 use progress::Progress;
@@ -31,21 +40,14 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Name of the resolved config inside a run directory.
 pub const CONFIG_FILE: &str = "config.yaml";
 
-/// Bytes per rank, by what they hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct MemoryUse {
-    pub params: usize,
-    pub grads: usize,
-    pub optimizer: usize,
-    pub activations: usize,
-}
-
 /// What a finished run reports (also written as `summary.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainSummary {
     /// The commit the binary was built from.
     pub commit: String,
     pub device: String,
+    pub world_size: usize,
+    pub strategy: String,
     pub params: usize,
     pub steps: u64,
     pub tokens: u64,
@@ -55,8 +57,20 @@ pub struct TrainSummary {
     pub first_loss: f32,
     pub final_loss: f32,
     pub final_val_loss: Option<f32>,
+    /// Every step's mean training loss, in order.
+    pub losses: Vec<f32>,
+    /// Bytes held by rank 0, measured.
     pub memory: MemoryUse,
+    /// ZeRO's model-state formula for this strategy, and its value.
+    pub zero_formula: (String, usize),
     pub weights: Option<PathBuf>,
+}
+
+/// Deliberate faults, for tests of failure handling.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// This rank returns an error at the start of this step (rank, step).
+    pub fail_rank_at_step: Option<(usize, u64)>,
 }
 
 /// The model shape a config describes.
@@ -70,20 +84,6 @@ pub fn gpt_shape(cfg: &Config) -> GptShape {
     }
 }
 
-/// Runs the training job `cfg` (already validated), writing into the existing, empty `run_dir`.
-pub fn train(cfg: &Config, run_dir: &Path) -> Result<TrainSummary> {
-    match cfg.device {
-        DeviceKind::Auto | DeviceKind::Cpu => {
-            Trainer::new(CpuBackend::<f32>::new(), cfg, run_dir)?.run()
-        }
-    }
-}
-
-fn data_source(cfg: &Config, split: Split) -> ArithmeticCorpus {
-    let s = &cfg.data.synthetic;
-    ArithmeticCorpus::new(s.max_operand, s.val_fraction, cfg.train.seed, split)
-}
-
 /// Initial weights of every unit, on the host.
 pub fn initial_weights(layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
     let mut units: Vec<Vec<f32>> = layout.units.iter().map(|u| vec![0.0; u.numel]).collect();
@@ -93,26 +93,208 @@ pub fn initial_weights(layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
     units
 }
 
-struct Trainer<'a, B: Backend> {
+/// Runs the training job `cfg` (already validated), writing into the existing, empty `run_dir`.
+pub fn train(cfg: &Config, run_dir: &Path) -> Result<TrainSummary> {
+    train_with_faults(cfg, run_dir, &Faults::default())
+}
+
+/// [`train`] with injected faults.
+pub fn train_with_faults(cfg: &Config, run_dir: &Path, faults: &Faults) -> Result<TrainSummary> {
+    let plan = ShardPlan::new(&cfg.parallel);
+    let world = LocalWorld::new(
+        plan.world_size,
+        Duration::from_secs_f64(cfg.parallel.collective_timeout_s),
+    );
+    let comms = rank_comms(&world, &plan);
+    let results = run_ranks(&world, |rank, _| {
+        let comms = comms[rank]
+            .lock()
+            .map_err(|_| anyhow!("rank {rank}: communicator lock poisoned"))?
+            .take()
+            .ok_or_else(|| anyhow!("rank {rank}: communicators already taken"))?;
+        match cfg.device {
+            DeviceKind::Auto | DeviceKind::Cpu => RankTrainer::new(
+                CpuBackend::<f32>::new(),
+                rank,
+                cfg,
+                run_dir,
+                plan.clone(),
+                comms,
+            )?
+            .run(faults),
+        }
+    })?;
+    results
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| anyhow!("rank 0 returned no summary"))
+}
+
+/// Every rank's communicators: the whole world, its shard group, its replica group.
+fn rank_comms(world: &LocalWorld, plan: &ShardPlan) -> Vec<Mutex<Option<RankComms<LocalComm>>>> {
+    let n = plan.world_size;
+    let mut world_comms: Vec<Option<LocalComm>> = world
+        .group(&(0..n).collect::<Vec<_>>())
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut shard: Vec<Option<LocalComm>> = (0..n).map(|_| None).collect();
+    let mut replica: Vec<Option<LocalComm>> = (0..n).map(|_| None).collect();
+    for ranks in plan.all_shard_groups() {
+        for (rank, comm) in ranks.iter().zip(world.group(&ranks)) {
+            shard[*rank] = Some(comm);
+        }
+    }
+    for ranks in plan.all_replica_groups() {
+        for (rank, comm) in ranks.iter().zip(world.group(&ranks)) {
+            replica[*rank] = Some(comm);
+        }
+    }
+    (0..n)
+        .map(|r| {
+            Mutex::new(Some(RankComms {
+                world: world_comms[r].take().expect("one per rank"),
+                shard: shard[r].take().expect("groups partition the ranks"),
+                replica: replica[r].take().expect("groups partition the ranks"),
+            }))
+        })
+        .collect()
+}
+
+fn data_source(cfg: &Config, split: Split) -> ArithmeticCorpus {
+    let s = &cfg.data.synthetic;
+    ArithmeticCorpus::new(s.max_operand, s.val_fraction, cfg.train.seed, split)
+}
+
+/// Per-rank bytes of persistent state (shards and optimizer) that a plan implies, before running:
+/// what `--dry-run` shows, and what a run must then measure.
+pub fn planned_memory(cfg: &Config, plan: &ShardPlan) -> MemoryUse {
+    let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
+    let shard_elems: usize = ShardLayout::new(&layout, plan.group_size)
+        .units
+        .iter()
+        .map(|u| u.shard_len)
+        .sum();
+    let bf16 = plan.param_dtype == DType::Bf16;
+    MemoryUse {
+        master_params: shard_elems * 4,
+        param_shards: if bf16 { shard_elems * 2 } else { 0 },
+        gathered_params_peak: 0,
+        grads: shard_elems * 4,
+        optimizer: shard_elems * 8,
+        activations: activation_bytes(
+            &layout.shape,
+            cfg.train.micro_batch_size,
+            cfg.model.seq_len,
+            plan.param_dtype,
+        ),
+    }
+}
+
+/// The unit layout, how each unit is sharded, and the planned memory per rank: what
+/// `train --dry-run` prints.
+pub fn describe_plan(cfg: &Config) -> String {
+    use std::fmt::Write;
+    let plan = ShardPlan::new(&cfg.parallel);
+    let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
+    let shards = ShardLayout::new(&layout, plan.group_size);
+    let strategy = serde_json::to_value(plan.strategy)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "world {}, {strategy}: shard groups of {}, {} replica(s); params {}, reduce {}, prefetch {}",
+        plan.world_size,
+        plan.group_size,
+        plan.replicas(),
+        plan.param_dtype,
+        plan.reduce_dtype,
+        if plan.prefetch { "on" } else { "off" },
+    );
+    let _ = writeln!(
+        out,
+        "{:<12} {:>12} {:>12} {:>12}",
+        "unit", "params", "padded", "per rank"
+    );
+    for (unit, s) in layout.units.iter().zip(&shards.units) {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>12} {:>12} {:>12}",
+            unit.name, s.numel, s.padded, s.shard_len
+        );
+    }
+    let per_rank: usize = shards.units.iter().map(|u| u.shard_len).sum();
+    let _ = writeln!(
+        out,
+        "{:<12} {:>12} {:>12} {:>12}",
+        "total",
+        layout.numel(),
+        "",
+        per_rank
+    );
+    let m = planned_memory(cfg, &plan);
+    let zero = zero_model_state_bytes(&plan, layout.numel());
+    let _ = writeln!(
+        out,
+        "memory per rank: master params {} | param shards {} | grad shards {} | optimizer {} | activations (micro-batch {} x {}) {}",
+        mib(m.master_params),
+        mib(m.param_shards),
+        mib(m.grads),
+        mib(m.optimizer),
+        cfg.train.micro_batch_size,
+        cfg.model.seq_len,
+        mib(m.activations),
+    );
+    let _ = writeln!(
+        out,
+        "ZeRO model state per rank: {} = {}",
+        zero.0,
+        mib(zero.1)
+    );
+    let _ = writeln!(
+        out,
+        "(gathered parameters and unsharded gradients are transient: their peaks are measured during a run, see summary.json)"
+    );
+    out
+}
+
+/// One rank's training state.
+struct RankTrainer<'a, B: Backend> {
     be: B,
+    rank: usize,
     cfg: &'a Config,
     run_dir: &'a Path,
     model: Gpt<B>,
-    units: ResidentParams<B>,
+    units: ShardedUnits<B, LocalComm>,
     opt: AdamW<B>,
     train_data: ArithmeticCorpus,
     val_data: ArithmeticCorpus,
 }
 
-impl<'a, B: Backend> Trainer<'a, B> {
-    fn new(be: B, cfg: &'a Config, run_dir: &'a Path) -> Result<Self> {
+impl<'a, B: Backend> RankTrainer<'a, B> {
+    fn new(
+        be: B,
+        rank: usize,
+        cfg: &'a Config,
+        run_dir: &'a Path,
+        plan: ShardPlan,
+        comms: RankComms<LocalComm>,
+    ) -> Result<Self> {
         let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
-        let dtype = DType::F32;
-        let units = ResidentParams::alloc(&be, &layout, dtype)?;
+        let dtype = plan.param_dtype;
+        let units = ShardedUnits::new(&be, &layout, plan, comms)?;
+        let group_rank = units.group_rank();
+        let shards = units.shard_layout().clone();
+        let segments = (0..layout.units.len())
+            .map(|u| shards.segments(&layout, u, group_rank))
+            .collect();
         let opt = AdamW::new(
             &be,
-            &layout,
-            &units.params,
+            &units.param_shards,
+            segments,
             AdamWConfig {
                 beta1: cfg.train.beta1,
                 beta2: cfg.train.beta2,
@@ -121,107 +303,213 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 grad_clip: cfg.train.grad_clip,
             },
         )?;
-        for (u, values) in initial_weights(&layout, cfg.train.seed).iter().enumerate() {
-            opt.set_master(&be, u, values, &units.params)?;
+        // Every rank draws the same full initial weights and keeps its own range: identical
+        // weights whatever the world size.
+        for (u, full) in initial_weights(&layout, cfg.train.seed).iter().enumerate() {
+            let range = shards.range(u, group_rank);
+            let mut mine = vec![0.0f32; range.len()];
+            let end = range.end.min(full.len());
+            if range.start < end {
+                mine[..end - range.start].copy_from_slice(&full[range.start..end]);
+            }
+            opt.set_master(&be, u, &mine, &units.param_shards)?;
         }
-        Ok(Trainer {
+        Ok(RankTrainer {
             model: Gpt::new(layout, dtype),
             units,
             opt,
             train_data: data_source(cfg, Split::Train),
             val_data: data_source(cfg, Split::Val),
             be,
+            rank,
             cfg,
             run_dir,
         })
     }
 
-    /// Mean loss over `eval_tokens` held-out tokens (the same tokens at every evaluation).
-    fn evaluate(&mut self) -> Result<f32> {
-        let (micro, seq) = (self.cfg.train.micro_batch_size, self.cfg.model.seq_len);
-        let batches = self.cfg.train.eval_tokens.div_ceil(micro * seq).max(1);
-        self.val_data.rewind();
-        let mut sum = 0.0f64;
-        for _ in 0..batches {
-            let batch = self.val_data.next_batch(micro, seq);
-            let inputs = self.be.upload_ids(&batch.inputs)?;
-            let targets = self.be.upload_ids(&batch.targets)?;
-            self.model.forward(
-                &self.be,
-                &mut self.units,
-                &inputs,
-                Some(&targets),
-                None,
-                micro,
-                seq,
-            )?;
-            sum += f64::from(self.model.mean_loss(&self.be)?);
-        }
-        Ok((sum / batches as f64) as f32)
+    fn world_size(&self) -> usize {
+        self.cfg.parallel.world_size
     }
 
-    fn run(mut self) -> Result<TrainSummary> {
+    /// Element-wise sum of `values` over every rank.
+    fn sum_over_ranks(&self, values: &[f32]) -> Result<Vec<f32>> {
+        let buf = self.be.alloc(values.len(), DType::F32)?;
+        self.be.upload(&buf, values)?;
+        self.units
+            .comms()
+            .world
+            .all_reduce(&self.be, &buf, ReduceOp::Sum)?;
+        self.be.download(&buf)
+    }
+
+    /// This rank's rows of a global micro-batch of `world × micro` sequences (DistributedSampler
+    /// semantics: every rank reads a distinct slice of the same global batch).
+    fn my_rows(&self, global: &Batch) -> Batch {
+        let micro = self.cfg.train.micro_batch_size;
+        global.rows(self.rank * micro, micro)
+    }
+
+    /// Runs one micro-batch's forward (and backward when `grad_scale` is given) on `batch`.
+    fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        grad_scale: Option<f32>,
+        last_of_step: bool,
+    ) -> Result<f32> {
+        let inputs = self.be.upload_ids(&batch.inputs)?;
+        let targets = self.be.upload_ids(&batch.targets)?;
+        self.units.start_micro_batch(last_of_step);
+        self.model.forward(
+            &self.be,
+            &mut self.units,
+            &inputs,
+            Some(&targets),
+            grad_scale,
+            batch.batch,
+            batch.seq,
+        )?;
+        if grad_scale.is_some() {
+            self.units.start_backward();
+            self.model.backward(&self.be, &mut self.units, &inputs)?;
+        }
+        self.model.mean_loss(&self.be)
+    }
+
+    /// Mean loss over `eval_tokens` held-out tokens (the same tokens at every evaluation, split
+    /// across ranks; every rank runs the same number of passes, since gathers are collective).
+    fn evaluate(&mut self) -> Result<f32> {
+        let (micro, seq) = (self.cfg.train.micro_batch_size, self.cfg.model.seq_len);
+        let total = self.cfg.train.eval_tokens.div_ceil(micro * seq).max(1);
+        let world = self.world_size();
+        self.val_data.rewind();
+        let (mut sum, mut count) = (0.0f32, 0.0f32);
+        for round in 0..total.div_ceil(world) {
+            let mut mine = None;
+            for r in 0..world {
+                let batch = self.val_data.next_batch(micro, seq);
+                if r == self.rank {
+                    mine = Some(batch);
+                }
+            }
+            let batch = mine.ok_or_else(|| anyhow!("rank {} is outside the world", self.rank))?;
+            // Ranks past the last batch still run (their gathers are collective) but do not count.
+            let loss = self.forward_backward(&batch, None, true)?;
+            if round * world + self.rank < total {
+                sum += loss;
+                count += 1.0;
+            }
+        }
+        self.units.release_all();
+        let totals = self.sum_over_ranks(&[sum, count])?;
+        Ok(totals[0] / totals[1])
+    }
+
+    fn memory_use(&self) -> MemoryUse {
+        let size = |bufs: &[B::Buf]| {
+            bufs.iter()
+                .map(|b| b.len() * b.dtype().size_bytes())
+                .sum::<usize>()
+        };
+        let param_bytes = size(&self.units.param_shards);
+        let transient = self.units.transient_bytes();
+        let f32_params = self.units.plan().param_dtype == DType::F32;
+        MemoryUse {
+            master_params: if f32_params {
+                param_bytes
+            } else {
+                self.opt.master_bytes()
+            },
+            param_shards: if f32_params { 0 } else { param_bytes },
+            gathered_params_peak: transient.gathered_peak,
+            grads: size(&self.units.grad_shards) + transient.grads_peak,
+            optimizer: self.opt.moment_bytes(),
+            activations: self.model.activations().map_or(0, |a| a.bytes()),
+        }
+    }
+
+    fn run(mut self, faults: &Faults) -> Result<Option<TrainSummary>> {
         let cfg = self.cfg;
         let t = &cfg.train;
-        let (micro, seq) = (t.micro_batch_size, cfg.model.seq_len);
-        let accum = t.grad_accum_steps(cfg.parallel.world_size);
+        let plan = self.units.plan().clone();
+        let (micro, seq, world) = (t.micro_batch_size, cfg.model.seq_len, self.world_size());
+        let accum = t.grad_accum_steps(world);
         let tokens_per_step = (t.global_batch_size * seq) as u64;
-        // Each micro-batch's loss is a mean over its tokens; scaling by 1/accum makes the
-        // accumulated gradient that of the mean over the whole global batch.
-        let grad_scale = 1.0 / (micro * seq * accum) as f32;
+        // Each micro-batch's loss is a mean over its tokens; scaling every rank's and every
+        // micro-batch's gradient by 1/(tokens in the global batch) and summing gives the gradient of
+        // the mean loss over the global batch, whatever the world size.
+        let token_scale = 1.0 / (micro * seq) as f32;
+        let grad_scale = token_scale / (accum * world) as f32;
         let schedule = LrSchedule {
             lr: t.lr,
             min_lr: t.min_lr,
             warmup_steps: t.warmup_steps,
             max_steps: t.max_steps,
         };
-        let mut metrics = MetricsWriter::create(&self.run_dir.join(&cfg.logging.metrics_file))?;
-        let progress = Progress::new(cfg.logging.progress, t.max_steps, cfg.logging.every_steps);
-        progress.message(&format!(
-            "training {} parameters on {} | {} steps x {} tokens (micro-batch {micro} x {seq}, {accum} accumulation steps)",
-            self.model.layout.numel(),
-            self.be.name(),
-            t.max_steps,
-            tokens_per_step,
-        ));
+        let lead = self.rank == 0;
+        let mut metrics = if lead {
+            Some(MetricsWriter::create(
+                &self.run_dir.join(&cfg.logging.metrics_file),
+            )?)
+        } else {
+            None
+        };
+        let progress =
+            lead.then(|| Progress::new(cfg.logging.progress, t.max_steps, cfg.logging.every_steps));
+        let numel = self.model.layout.numel();
+        let zero = zero_model_state_bytes(&plan, numel);
+        if let Some(p) = &progress {
+            p.message(&format!(
+                "training {numel} parameters on {} | world {world}, {} (shard group {}), {} params, {} reduce | {} steps x {tokens_per_step} tokens (micro-batch {micro} x {seq}, {accum} accumulation steps per rank)",
+                self.be.name(),
+                serde_json::to_value(plan.strategy)?.as_str().unwrap_or("?"),
+                plan.group_size,
+                plan.param_dtype,
+                plan.reduce_dtype,
+                t.max_steps,
+            ));
+            let m = planned_memory(cfg, &plan);
+            p.message(&format!(
+                "memory per rank: master params {}, param shards {}, grad shards {}, optimizer {} | ZeRO model state {} = {}",
+                mib(m.master_params),
+                mib(m.param_shards),
+                mib(m.grads),
+                mib(m.optimizer),
+                zero.0,
+                mib(zero.1),
+            ));
+        }
 
         let mut train_seconds = 0.0f64;
         let started = Instant::now();
-        let (mut first_loss, mut last_loss, mut last_val) = (f32::NAN, f32::NAN, None);
+        let mut losses = Vec::with_capacity(t.max_steps as usize);
+        let mut last_val = None;
         for step in 1..=t.max_steps {
+            if faults.fail_rank_at_step == Some((self.rank, step)) {
+                bail!("injected failure at step {step}");
+            }
             let step_start = Instant::now();
-            for g in &self.units.grads {
-                self.be.fill(g, 0.0)?;
+            self.units.zero_grads(&self.be)?;
+            let mut local_loss = 0.0f32;
+            for k in 0..accum {
+                let global = self.train_data.next_batch(micro * world, seq);
+                let batch = self.my_rows(&global);
+                local_loss += self.forward_backward(&batch, Some(grad_scale), k + 1 == accum)?;
             }
-            let mut loss_sum = 0.0f64;
-            for _ in 0..accum {
-                let batch = self.train_data.next_batch(micro, seq);
-                let inputs = self.be.upload_ids(&batch.inputs)?;
-                let targets = self.be.upload_ids(&batch.targets)?;
-                self.model.forward(
-                    &self.be,
-                    &mut self.units,
-                    &inputs,
-                    Some(&targets),
-                    Some(grad_scale),
-                    micro,
-                    seq,
-                )?;
-                self.model.backward(&self.be, &mut self.units, &inputs)?;
-                loss_sum += f64::from(self.model.mean_loss(&self.be)?);
-            }
-            let loss = (loss_sum / accum as f64) as f32;
+            let loss = self.sum_over_ranks(&[local_loss])?[0] / (accum * world) as f32;
             if !loss.is_finite() {
                 bail!("the training loss became {loss} at step {step}; try a lower train.lr");
             }
+            let grad_norm = self.units.grad_norm_squared(&self.be)?.sqrt();
+            let clip = self.opt.config().clip_scale(grad_norm);
             let lr = schedule.at(step);
-            let stats = self.opt.step(
+            self.opt.step(
                 &self.be,
-                &self.model.layout,
-                &self.units.params,
-                &self.units.grads,
+                &self.units.param_shards,
+                &self.units.grad_shards,
                 lr,
+                clip,
             )?;
+            self.units.release_all();
             self.be.synchronize()?;
             let step_seconds = step_start.elapsed().as_secs_f64();
             train_seconds += step_seconds;
@@ -233,69 +521,67 @@ impl<'a, B: Backend> Trainer<'a, B> {
             } else {
                 None
             };
-            if step == 1 {
-                first_loss = loss;
-            }
-            last_loss = loss;
             last_val = val_loss.or(last_val);
+            losses.push(loss);
             let record = StepRecord {
                 step,
                 loss,
                 lr,
-                grad_norm: stats.grad_norm,
+                grad_norm,
                 tokens_per_s: tokens_per_step as f64 / step_seconds,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 val_loss,
             };
-            metrics.write(&record)?;
-            progress.step(&record);
+            if let Some(m) = &mut metrics {
+                m.write(&record)?;
+            }
+            if let Some(p) = &progress {
+                p.step(&record);
+            }
         }
-        progress.finish();
+        if let Some(p) = &progress {
+            p.finish();
+        }
 
+        // Every rank takes part in gathering the final weights; rank 0 writes them.
         let weights = if cfg.checkpoint.save_final {
+            let master = self.opt.master(&self.units.param_shards);
+            let full = self.units.gather_full(&self.be, master)?;
             let path = self.run_dir.join(WEIGHTS_FILE);
-            let host = self.download_weights()?;
-            weights::save(&path, &self.model.layout, &host)?;
+            if lead {
+                weights::save(&path, &self.model.layout, &full)?;
+            }
             Some(path)
         } else {
             None
         };
+        if !lead {
+            return Ok(None);
+        }
         let summary = TrainSummary {
             commit: env!("SHARDTRAIN_COMMIT").to_string(),
             device: self.be.name(),
-            params: self.model.layout.numel(),
+            world_size: world,
+            strategy: serde_json::to_value(plan.strategy)?
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+            params: numel,
             steps: t.max_steps,
             tokens: tokens_per_step * t.max_steps,
             train_seconds,
             tokens_per_s: (tokens_per_step * t.max_steps) as f64 / train_seconds,
-            first_loss,
-            final_loss: last_loss,
+            first_loss: losses.first().copied().unwrap_or(f32::NAN),
+            final_loss: losses.last().copied().unwrap_or(f32::NAN),
             final_val_loss: last_val,
+            losses,
             memory: self.memory_use(),
+            zero_formula: zero,
             weights,
         };
         let path = self.run_dir.join("summary.json");
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(summary)
-    }
-
-    fn download_weights(&self) -> Result<Vec<Vec<f32>>> {
-        self.units
-            .params
-            .iter()
-            .map(|p| self.be.download(p))
-            .collect()
-    }
-
-    fn memory_use(&self) -> MemoryUse {
-        use crate::backend::Buffer;
-        let size = |bufs: &[B::Buf]| bufs.iter().map(|b| b.len() * b.dtype().size_bytes()).sum();
-        MemoryUse {
-            params: size(&self.units.params),
-            grads: size(&self.units.grads),
-            optimizer: self.opt.bytes(),
-            activations: self.model.activations().map_or(0, |a| a.bytes()),
-        }
+        Ok(Some(summary))
     }
 }

@@ -1,13 +1,13 @@
-//! AdamW over the model's units: f32 master weights and moments per unit, weight decay only on
-//! matrices and embeddings (never norms or biases), global-norm clipping over every gradient.
+//! AdamW over this rank's shards: f32 master weights and moments exist only for the shard, weight
+//! decay only on matrices and embeddings (never norms or biases), updated tensor piece by piece.
 //!
-//! With f32 parameters the compute weights are the master weights; with bf16 parameters the master
-//! stays in f32 here and each update writes the bf16 copy in the same pass.
+//! With f32 parameters the parameter shards are the master weights; with bf16 parameters the
+//! master stays in f32 here and each update writes the bf16 shard in the same pass.
 
 use anyhow::Result;
 
 use crate::backend::{AdamWStep, Backend, Buffer, DType};
-use crate::model::ParamLayout;
+use crate::shard::flat::Segment;
 
 /// Hyper-parameters that stay fixed during a run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,63 +20,63 @@ pub struct AdamWConfig {
     pub grad_clip: f32,
 }
 
-/// Optimizer state for every unit.
+/// Optimizer state for this rank's shard of every unit.
 pub struct AdamW<B: Backend> {
     cfg: AdamWConfig,
-    /// f32 master weights, or `None` where the compute parameters already are f32.
+    /// Per unit, the tensor pieces in this rank's shard (padding is never updated).
+    segments: Vec<Vec<Segment>>,
+    /// f32 master weights, or `None` where the parameter shards already are f32.
     master: Option<Vec<B::Buf>>,
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
-    /// One-element f32 accumulator for the squared gradient norm.
-    norm_acc: B::Buf,
     step: u64,
 }
 
-/// What one optimizer step did, for logging.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepStats {
-    /// Global gradient norm before clipping.
-    pub grad_norm: f32,
-    /// Factor applied to every gradient (1 when not clipped).
-    pub clip_scale: f32,
-}
-
 impl<B: Backend> AdamW<B> {
-    /// State for `params` (one buffer per unit). Master weights start as f32 copies of them.
-    pub fn new(be: &B, layout: &ParamLayout, params: &[B::Buf], cfg: AdamWConfig) -> Result<Self> {
+    /// State for `params` (one shard per unit, the pieces of real tensors in `segments`).
+    pub fn new(
+        be: &B,
+        params: &[B::Buf],
+        segments: Vec<Vec<Segment>>,
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
         let zeros = || -> Result<Vec<B::Buf>> {
-            layout
-                .units
+            params
                 .iter()
-                .map(|u| be.alloc(u.numel, DType::F32))
+                .map(|p| be.alloc(p.len(), DType::F32))
                 .collect()
         };
         let master = if params.iter().all(|p| p.dtype() == DType::F32) {
             None
         } else {
-            let master = zeros()?;
-            for (dst, src) in master.iter().zip(params) {
-                be.copy(dst, src)?;
-            }
-            Some(master)
+            Some(zeros()?)
         };
         Ok(AdamW {
             cfg,
+            segments,
             master,
             m: zeros()?,
             v: zeros()?,
-            norm_acc: be.alloc(1, DType::F32)?,
             step: 0,
         })
     }
 
-    /// Updates are counted from 1; this is the number of completed steps.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Number of completed updates.
     pub fn steps_done(&self) -> u64 {
         self.step
     }
 
-    /// Loads f32 master weights (for example after initialisation on the host), keeping the
-    /// compute parameters in sync.
+    /// The f32 master shards (the parameter shards themselves when those are f32).
+    pub fn master<'a>(&'a self, params: &'a [B::Buf]) -> &'a [B::Buf] {
+        self.master.as_deref().unwrap_or(params)
+    }
+
+    /// Loads master weights of `unit` (for example the initial values), keeping the compute
+    /// parameter shard in sync (rounded to its dtype).
     pub fn set_master(&self, be: &B, unit: usize, values: &[f32], params: &[B::Buf]) -> Result<()> {
         be.upload(&params[unit], values)?;
         if let Some(master) = &self.master {
@@ -85,42 +85,32 @@ impl<B: Backend> AdamW<B> {
         Ok(())
     }
 
-    /// Squared L2 norm of all gradients together.
-    pub fn grad_norm(&self, be: &B, grads: &[B::Buf]) -> Result<f32> {
-        be.fill(&self.norm_acc, 0.0)?;
-        for g in grads {
-            be.sum_squares(&self.norm_acc, g)?;
-        }
-        Ok(be.download(&self.norm_acc)?[0].sqrt())
-    }
-
-    /// One AdamW step with learning rate `lr` from the accumulated `grads`, updating `params`.
+    /// One AdamW step with learning rate `lr` from the accumulated gradient shards, each gradient
+    /// multiplied by `grad_scale` (clipping); updates `params`.
     pub fn step(
         &mut self,
         be: &B,
-        layout: &ParamLayout,
         params: &[B::Buf],
         grads: &[B::Buf],
         lr: f32,
-    ) -> Result<StepStats> {
-        let grad_norm = self.grad_norm(be, grads)?;
-        let clip_scale = if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
-            self.cfg.grad_clip / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
+        grad_scale: f32,
+    ) -> Result<()> {
         self.step += 1;
-        for (u, unit) in layout.units.iter().enumerate() {
-            for t in &unit.tensors {
-                let view = |buf: &B::Buf| be.slice(buf, t.offset, t.numel());
+        for (u, segments) in self.segments.iter().enumerate() {
+            for seg in segments {
+                let view = |buf: &B::Buf| be.slice(buf, seg.offset, seg.len);
                 let hp = AdamWStep {
                     lr,
                     beta1: self.cfg.beta1,
                     beta2: self.cfg.beta2,
                     eps: self.cfg.eps,
-                    weight_decay: if t.decay { self.cfg.weight_decay } else { 0.0 },
+                    weight_decay: if seg.decay {
+                        self.cfg.weight_decay
+                    } else {
+                        0.0
+                    },
                     step: self.step,
-                    grad_scale: clip_scale,
+                    grad_scale,
                 };
                 let param = view(&params[u])?;
                 let (m, v, grad) = (view(&self.m[u])?, view(&self.v[u])?, view(&grads[u])?);
@@ -132,15 +122,30 @@ impl<B: Backend> AdamW<B> {
                 }
             }
         }
-        Ok(StepStats {
-            grad_norm,
-            clip_scale,
-        })
+        Ok(())
     }
 
-    /// Bytes of optimizer state (moments and, with bf16 parameters, master weights).
-    pub fn bytes(&self) -> usize {
+    /// Bytes of f32 master weights kept here (zero when the parameter shards are the master).
+    pub fn master_bytes(&self) -> usize {
+        self.master
+            .as_ref()
+            .map_or(0, |m| m.iter().map(|b| b.len() * 4).sum())
+    }
+
+    /// Bytes of the AdamW moments.
+    pub fn moment_bytes(&self) -> usize {
         let size = |bufs: &Vec<B::Buf>| bufs.iter().map(|b| b.len() * 4).sum::<usize>();
-        size(&self.m) + size(&self.v) + self.master.as_ref().map_or(0, size)
+        size(&self.m) + size(&self.v)
+    }
+}
+
+impl AdamWConfig {
+    /// The factor that brings a gradient of norm `grad_norm` within the clipping limit.
+    pub fn clip_scale(&self, grad_norm: f32) -> f32 {
+        if self.grad_clip > 0.0 && grad_norm > self.grad_clip {
+            self.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        }
     }
 }

@@ -1,0 +1,316 @@
+//! The sharding engine of one rank: owns this rank's parameter and gradient shards, and serves
+//! the model's [`UnitAccess`] calls by gathering units before use, freeing them after, and
+//! reducing their gradients, as the [`ShardPlan`] says.
+//!
+//! The schedule is explicit: when the model asks for unit `u`, the engine gathers it (unless a
+//! prefetch already did) and then issues the gather of the unit that runs next, *before* handing
+//! `u` over, so on a backend with a communication stream that gather overlaps `u`'s compute. On
+//! the CPU it runs in that same order, synchronously. Every step is recorded in an optional trace.
+
+use anyhow::{Context, Result};
+
+use super::flat::ShardLayout;
+use super::plan::ShardPlan;
+use crate::backend::{Backend, Buffer, DType};
+use crate::comm::{Communicator, ReduceOp};
+use crate::model::{ParamLayout, UnitAccess};
+
+/// The communicators one rank needs: everyone, its shard group, its replica group.
+pub struct RankComms<C> {
+    pub world: C,
+    pub shard: C,
+    pub replica: C,
+}
+
+/// One step of the schedule, for tests and diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// All-gather of a unit's parameters issued.
+    Gather(usize),
+    /// A unit's full parameters handed to the model (its compute starts).
+    Use(usize),
+    /// A unit's gathered parameters freed.
+    Free(usize),
+    /// A unit's gradients reduced into this rank's gradient shard.
+    ReduceGrads(usize),
+}
+
+/// Which pass the model is running: decides what "the next unit" is for prefetching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// Bytes of transient buffers (gathered parameters, unsharded gradients), now and at peak.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransientBytes {
+    pub gathered_now: usize,
+    pub gathered_peak: usize,
+    pub grads_now: usize,
+    pub grads_peak: usize,
+}
+
+pub struct ShardedUnits<B: Backend, C: Communicator> {
+    plan: ShardPlan,
+    shards: ShardLayout,
+    comms: RankComms<C>,
+    /// Per unit: this rank's shard of the parameters in the compute dtype (the all-gather source).
+    pub param_shards: Vec<B::Buf>,
+    /// Per unit: this rank's f32 gradient shard, accumulated over the micro-batches of a step.
+    pub grad_shards: Vec<B::Buf>,
+    /// Per unit: the gathered, padded parameters while they are live.
+    gathered: Vec<Option<B::Buf>>,
+    /// Per unit: unsharded gradients (reduce dtype) while the backward fills them.
+    full_grads: Vec<Option<B::Buf>>,
+    /// Gradients go straight into the gradient shards: nothing to reduce (one rank, f32 reduce).
+    direct_grads: bool,
+    /// Reduce gradients at the end of this micro-batch's backward.
+    sync: bool,
+    pass: Pass,
+    bytes: TransientBytes,
+    trace: Option<Vec<Event>>,
+}
+
+fn size_of<B: Buffer>(b: &B) -> usize {
+    b.len() * b.dtype().size_bytes()
+}
+
+impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
+    /// Allocates this rank's shards (zeroed; the caller loads initial values).
+    pub fn new(be: &B, layout: &ParamLayout, plan: ShardPlan, comms: RankComms<C>) -> Result<Self> {
+        let shards = ShardLayout::new(layout, plan.group_size);
+        let alloc = |dtype: DType| -> Result<Vec<B::Buf>> {
+            shards
+                .units
+                .iter()
+                .map(|u| be.alloc(u.shard_len, dtype))
+                .collect()
+        };
+        let n = shards.units.len();
+        let direct_grads =
+            plan.group_size == 1 && plan.replicas() == 1 && plan.reduce_dtype == DType::F32;
+        Ok(ShardedUnits {
+            param_shards: alloc(plan.param_dtype)?,
+            grad_shards: alloc(DType::F32)?,
+            gathered: vec![None; n],
+            full_grads: vec![None; n],
+            direct_grads,
+            sync: true,
+            pass: Pass::Forward,
+            bytes: TransientBytes::default(),
+            trace: None,
+            plan,
+            shards,
+            comms,
+        })
+    }
+
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    pub fn shard_layout(&self) -> &ShardLayout {
+        &self.shards
+    }
+
+    pub fn comms(&self) -> &RankComms<C> {
+        &self.comms
+    }
+
+    /// This rank's position inside its shard group.
+    pub fn group_rank(&self) -> usize {
+        self.comms.shard.rank()
+    }
+
+    /// Starts recording the schedule.
+    pub fn record_trace(&mut self) {
+        self.trace = Some(Vec::new());
+    }
+
+    pub fn take_trace(&mut self) -> Vec<Event> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn transient_bytes(&self) -> TransientBytes {
+        self.bytes
+    }
+
+    fn log(&mut self, e: Event) {
+        if let Some(t) = &mut self.trace {
+            t.push(e);
+        }
+    }
+
+    /// Before a micro-batch's forward: `sync` says whether its backward reduces gradients (the
+    /// last micro-batch of a step always does; others only when the plan reduces every time).
+    pub fn start_micro_batch(&mut self, last_of_step: bool) {
+        self.sync = last_of_step || self.plan.reduce_every_micro_batch;
+        self.pass = Pass::Forward;
+    }
+
+    /// Before the backward pass of the current micro-batch.
+    pub fn start_backward(&mut self) {
+        self.pass = Pass::Backward;
+    }
+
+    /// Frees every gathered unit (after an optimizer step they are stale).
+    pub fn release_all(&mut self) {
+        for u in 0..self.gathered.len() {
+            self.free_params(u);
+        }
+    }
+
+    /// Zeroes the gradient shards before a step's first micro-batch.
+    pub fn zero_grads(&self, be: &B) -> Result<()> {
+        self.grad_shards.iter().try_for_each(|g| be.fill(g, 0.0))
+    }
+
+    /// Units run in this order: root (0), blocks 1..n in forward; root (head), blocks n..1, then
+    /// root again (embedding) in backward.
+    fn next_unit(&self, unit: usize) -> Option<usize> {
+        let last = self.shards.units.len() - 1;
+        match self.pass {
+            Pass::Forward => (unit < last).then_some(unit + 1),
+            Pass::Backward => match unit {
+                0 => (last >= 1).then_some(last),
+                1 => None,
+                u => Some(u - 1),
+            },
+        }
+    }
+
+    fn ensure_gathered(&mut self, be: &B, unit: usize) -> Result<()> {
+        if self.plan.group_size == 1 || self.gathered[unit].is_some() {
+            return Ok(());
+        }
+        let full = be.alloc(self.shards.units[unit].padded, self.plan.param_dtype)?;
+        self.comms
+            .shard
+            .all_gather(be, &full, &self.param_shards[unit])
+            .with_context(|| format!("gathering the parameters of unit {unit}"))?;
+        self.bytes.gathered_now += size_of(&full);
+        self.bytes.gathered_peak = self.bytes.gathered_peak.max(self.bytes.gathered_now);
+        self.gathered[unit] = Some(full);
+        self.log(Event::Gather(unit));
+        Ok(())
+    }
+
+    fn free_params(&mut self, unit: usize) {
+        if let Some(buf) = self.gathered[unit].take() {
+            self.bytes.gathered_now -= size_of(&buf);
+            self.log(Event::Free(unit));
+        }
+    }
+
+    /// Sums this micro-batch's unsharded gradients of `unit` over the shard group (reduce-scatter)
+    /// and the replicas (all-reduce), into this rank's f32 gradient shard.
+    fn reduce_grads(&mut self, be: &B, unit: usize) -> Result<()> {
+        let Some(full) = self.full_grads[unit].take() else {
+            return Ok(());
+        };
+        let piece = if self.plan.group_size > 1 {
+            let piece = be.alloc(self.shards.units[unit].shard_len, self.plan.reduce_dtype)?;
+            self.comms
+                .shard
+                .reduce_scatter(be, &piece, &full, ReduceOp::Sum)
+                .with_context(|| format!("reduce-scattering the gradients of unit {unit}"))?;
+            piece
+        } else {
+            full.clone()
+        };
+        if self.plan.replicas() > 1 {
+            self.comms
+                .replica
+                .all_reduce(be, &piece, ReduceOp::Sum)
+                .with_context(|| {
+                    format!("all-reducing the gradients of unit {unit} across replicas")
+                })?;
+        }
+        be.accumulate(&self.grad_shards[unit], &piece)?;
+        self.bytes.grads_now -= size_of(&full);
+        self.log(Event::ReduceGrads(unit));
+        Ok(())
+    }
+
+    /// Sum of squares of this rank's gradient shards, summed over the shard group: the squared
+    /// global gradient norm (replicas hold identical shards, so they are not added again).
+    pub fn grad_norm_squared(&self, be: &B) -> Result<f32> {
+        let acc = be.alloc(1, DType::F32)?;
+        for g in &self.grad_shards {
+            be.sum_squares(&acc, g)?;
+        }
+        if self.plan.group_size > 1 {
+            self.comms.shard.all_reduce(be, &acc, ReduceOp::Sum)?;
+        }
+        Ok(be.download(&acc)?[0])
+    }
+
+    /// The full f32 values of every unit from `master` shards (one per unit), on every rank.
+    pub fn gather_full(&self, be: &B, master: &[B::Buf]) -> Result<Vec<Vec<f32>>> {
+        self.shards
+            .units
+            .iter()
+            .zip(master)
+            .map(|(u, shard)| {
+                let values = if self.plan.group_size > 1 {
+                    let full = be.alloc(u.padded, DType::F32)?;
+                    self.comms.shard.all_gather(be, &full, shard)?;
+                    be.download(&full)?
+                } else {
+                    be.download(shard)?
+                };
+                Ok(values[..u.numel].to_vec())
+            })
+            .collect()
+    }
+}
+
+impl<B: Backend, C: Communicator> UnitAccess<B> for ShardedUnits<B, C> {
+    fn params(&mut self, be: &B, unit: usize) -> Result<B::Buf> {
+        self.ensure_gathered(be, unit)?;
+        if self.plan.prefetch {
+            if let Some(next) = self.next_unit(unit) {
+                self.ensure_gathered(be, next)?;
+            }
+        }
+        self.log(Event::Use(unit));
+        let numel = self.shards.units[unit].numel;
+        let full = match &self.gathered[unit] {
+            Some(buf) => buf,
+            None => &self.param_shards[unit],
+        };
+        be.slice(full, 0, numel)
+    }
+
+    fn grads(&mut self, be: &B, unit: usize) -> Result<B::Buf> {
+        let numel = self.shards.units[unit].numel;
+        if self.direct_grads {
+            return be.slice(&self.grad_shards[unit], 0, numel);
+        }
+        if self.full_grads[unit].is_none() {
+            let buf = be.alloc(self.shards.units[unit].padded, self.plan.reduce_dtype)?;
+            self.bytes.grads_now += size_of(&buf);
+            self.bytes.grads_peak = self.bytes.grads_peak.max(self.bytes.grads_now);
+            self.full_grads[unit] = Some(buf);
+        }
+        let full = self.full_grads[unit].as_ref().expect("allocated above");
+        be.slice(full, 0, numel)
+    }
+
+    fn forward_done(&mut self, _be: &B, unit: usize) -> Result<()> {
+        // The root unit is needed again as soon as the backward starts: keep it (FSDP's root).
+        if self.plan.reshard_after_forward && unit != ParamLayout::EMBED_HEAD_UNIT {
+            self.free_params(unit);
+        }
+        Ok(())
+    }
+
+    fn backward_done(&mut self, be: &B, unit: usize) -> Result<()> {
+        if self.sync {
+            self.reduce_grads(be, unit)?;
+        }
+        self.free_params(unit);
+        Ok(())
+    }
+}
