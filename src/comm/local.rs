@@ -8,7 +8,9 @@
 //! *depart* (wait until every rank has finished reading, so no rank returns and overwrites an input
 //! a peer still reads). A phase ends when the last rank of the group arrives; waiting ranks watch a
 //! generation counter, so consecutive collectives cannot mix. Every wait has a deadline, and every
-//! wait also ends as soon as the world records a failure.
+//! wait also ends as soon as the world records a failure ([`LocalWorld::fail`]: [`run_ranks`] calls
+//! it for a rank's error or panic, a collective for a device error or for the ranks it timed out
+//! waiting for).
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -231,6 +233,13 @@ impl Group {
         let seq = st.seq;
         let label = self.label(op, seq);
         self.check_world(&label)?;
+        if st.arrived[me] {
+            bail!(
+                "{label}: rank {} is already waiting in this group (a communicator must be used \
+                 by one thread at a time)",
+                self.ranks[me]
+            );
+        }
         if let Some(d) = deposit {
             st.deposits[me] = Some(Arc::new(d));
         }

@@ -35,9 +35,9 @@ impl std::fmt::Display for ReduceOp {
 ///   same lengths and dtypes (per operand) on every rank; a mismatch, or ranks calling different
 ///   collectives at the same sequence number, is an error returned on every rank of the group,
 ///   naming the collective, its sequence number and the ranks;
-/// - every collective has a timeout; when a rank fails (an error, a panic, or not arriving in
-///   time), every other rank's pending and later collectives return an error naming that rank,
-///   never hang;
+/// - every collective has a timeout; when a rank fails (an error or a panic reported to the
+///   transport, or not arriving in time), every other rank's pending and later collectives return
+///   an error naming that rank, never hang;
 /// - reductions add in group-rank order, so every rank gets bit-identical results, and a run is
 ///   reproducible. Each partial sum is stored in the destination buffer's dtype: with bf16 buffers
 ///   every partial sum is rounded to bf16 (what [`Backend::accumulate`] does on a bf16

@@ -151,12 +151,7 @@ impl<B: Backend> Gpt<B> {
         let s = layout.shape;
         let acts = self.acts.as_ref().expect("ensured above");
         let (n, c) = (batch * seq, s.d_model);
-        let attn = AttentionShape {
-            batch,
-            seq,
-            heads: s.n_head,
-            head_dim: c / s.n_head,
-        };
+        let attn = attention_shape(&s, batch, seq);
 
         let root_buf = units.params(be, ParamLayout::EMBED_HEAD_UNIT)?;
         let root = EmbedHeadViews::new(be, layout, &root_buf)?;
@@ -267,12 +262,7 @@ impl<B: Backend> Gpt<B> {
             .ok_or_else(|| anyhow::anyhow!("backward called before forward"))?;
         let (batch, seq) = (acts.batch, acts.seq);
         let (n, c) = (batch * seq, s.d_model);
-        let attn = AttentionShape {
-            batch,
-            seq,
-            heads: s.n_head,
-            head_dim: c / s.n_head,
-        };
+        let attn = attention_shape(&s, batch, seq);
         let root_buf = units.params(be, ParamLayout::EMBED_HEAD_UNIT)?;
         let root_grad_buf = units.grads(be, ParamLayout::EMBED_HEAD_UNIT)?;
         let root = EmbedHeadViews::new(be, layout, &root_buf)?;
@@ -415,6 +405,15 @@ impl<B: Backend> Gpt<B> {
         let losses = be.download(&acts.losses)?;
         let sum: f64 = losses.iter().map(|&x| f64::from(x)).sum();
         Ok((sum / losses.len() as f64) as f32)
+    }
+}
+
+fn attention_shape(s: &GptShape, batch: usize, seq: usize) -> AttentionShape {
+    AttentionShape {
+        batch,
+        seq,
+        heads: s.n_head,
+        head_dim: s.d_model / s.n_head,
     }
 }
 

@@ -65,11 +65,13 @@ impl<T: Real> Backend for CpuBackend<T> {
     type Ids = CpuIds;
 
     fn name(&self) -> String {
-        format!(
-            "cpu ({} threads, {})",
-            rayon::current_num_threads(),
-            T::NAME
-        )
+        // The element type is worth naming only when it is not the usual f32.
+        let elem = if T::NAME == "f32" {
+            String::new()
+        } else {
+            format!(", computing in {}", T::NAME)
+        };
+        format!("cpu ({} threads{elem})", rayon::current_num_threads())
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<CpuBuf<T>> {
