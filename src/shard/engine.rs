@@ -136,7 +136,10 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
         self.bytes
     }
 
+    /// Records a schedule step: in the trace when one is being recorded, and as a debug log line
+    /// (`RUST_LOG=shardtrain::shard=debug` shows every rank's schedule).
     fn log(&mut self, e: Event) {
+        tracing::debug!(rank = self.comms.world.rank(), event = ?e, "schedule");
         if let Some(t) = &mut self.trace {
             t.push(e);
         }
