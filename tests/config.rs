@@ -645,7 +645,7 @@ fn zero_disables_grad_clip_and_eval() {
 #[test]
 fn all_problems_are_reported_at_once() {
     let (text, _) = tiny_with("n_layer", "0");
-    let text = text.replace("  lr: 0.003\n", "  lr: -1\n");
+    let text = text.replace("  lr: 0.001\n", "  lr: -1\n");
     let msg = error_of(&text, &[]);
     // n_layer and lr (min_lr is only compared with a valid lr).
     assert_eq!(msg.lines().count(), 2, "{msg}");
