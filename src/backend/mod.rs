@@ -16,6 +16,7 @@
 //!   which for every output.
 
 pub mod cpu;
+pub mod kernels;
 
 use std::fmt::Debug;
 
