@@ -85,6 +85,21 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "embedding_backward_tokens_bf16_f32",
         ],
     ),
+    (
+        "attention",
+        &[
+            "attention_forward_f32_hs32",
+            "attention_forward_f32_hs64",
+            "attention_forward_bf16_hs32",
+            "attention_forward_bf16_hs64",
+            "attention_backward_preprocess_f32_hs64",
+            "attention_backward_preprocess_bf16_hs64",
+            "attention_backward_dkdv_f32_hs32",
+            "attention_backward_dkdv_bf16_hs64",
+            "attention_backward_dq_f32_hs32",
+            "attention_backward_dq_bf16_hs64",
+        ],
+    ),
     ("classifier", &["cross_entropy_f32", "cross_entropy_bf16"]),
     (
         "adamw",
