@@ -35,6 +35,18 @@ __device__ __forceinline__ int64_t out_at(int b, int t, int h, int seq, int head
     return ((int64_t)b * seq + t) * heads * hs + (int64_t)h * hs;
 }
 
+// The block's threads load keys and values k0 .. k0+TILE-1 (one row each), then synchronise.
+template <typename T, int HS>
+__device__ __forceinline__ void load_kv_tile(float (*Ks)[HS], float (*Vs)[HS], const T* qkv, int b, int h,
+                                             int k0, int seq, int heads) {
+    const int j = k0 + threadIdx.x;
+    if (j < seq) {
+        load_row<T, HS>(Ks[threadIdx.x], qkv + qkv_at(b, j, 1, h, seq, heads, HS), 1.0f);
+        load_row<T, HS>(Vs[threadIdx.x], qkv + qkv_at(b, j, 2, h, seq, heads, HS), 1.0f);
+    }
+    __syncthreads();
+}
+
 template <typename T, int HS>
 __device__ void attention_forward(T* out, float* lse, const T* qkv, int seq, int heads) {
     __shared__ float Ks[TILE][HS];
@@ -50,12 +62,7 @@ __device__ void attention_forward(T* out, float* lse, const T* qkv, int seq, int
     float m = -INFINITY, l = 0.0f;
     const int keys_end = min(seq, q0 + TILE);
     for (int k0 = 0; k0 < keys_end; k0 += TILE) {
-        const int j = k0 + threadIdx.x;
-        if (j < seq) {
-            load_row<T, HS>(Ks[threadIdx.x], qkv + qkv_at(b, j, 1, h, seq, heads, HS), 1.0f);
-            load_row<T, HS>(Vs[threadIdx.x], qkv + qkv_at(b, j, 2, h, seq, heads, HS), 1.0f);
-        }
-        __syncthreads();
+        load_kv_tile<T, HS>(Ks, Vs, qkv, b, h, k0, seq, heads);
         if (active) {
             const int n = min(TILE, i - k0 + 1);  // causal: keys k0 .. i
             for (int jj = 0; jj < n; jj++) {
@@ -168,12 +175,7 @@ __device__ void attention_backward_dq(T* dqkv, const T* dout, const T* qkv, cons
     for (int d = 0; d < HS; d++) dq[d] = 0.0f;
     const int keys_end = min(seq, q0 + TILE);
     for (int k0 = 0; k0 < keys_end; k0 += TILE) {
-        const int j = k0 + threadIdx.x;
-        if (j < seq) {
-            load_row<T, HS>(Ks[threadIdx.x], qkv + qkv_at(b, j, 1, h, seq, heads, HS), 1.0f);
-            load_row<T, HS>(Vs[threadIdx.x], qkv + qkv_at(b, j, 2, h, seq, heads, HS), 1.0f);
-        }
-        __syncthreads();
+        load_kv_tile<T, HS>(Ks, Vs, qkv, b, h, k0, seq, heads);
         if (active) {
             const int n = min(TILE, i - k0 + 1);
             for (int jj = 0; jj < n; jj++) {

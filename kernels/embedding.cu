@@ -26,23 +26,16 @@ __device__ void embedding_backward_positions(G* dwpe, const T* dout, int batch, 
     }
 }
 
-template <typename T>
-__device__ void embedding_backward_tokens(float* dwte, const uint32_t* ids, const T* dout, int tokens,
-                                          int channels) {
-    const int64_t n = (int64_t)tokens * channels;
-    FOR_EACH(i, n) {
-        const int64_t token = i / channels;
-        atomicAdd(&dwte[(int64_t)ids[token] * channels + i % channels], to_f32(dout[i]));
-    }
-}
+__device__ __forceinline__ void atomic_add(float* dst, float v) { atomicAdd(dst, v); }
+__device__ __forceinline__ void atomic_add(bf16* dst, float v) { atomicAdd(dst, from_f32<bf16>(v)); }
 
-template <typename T>
-__device__ void embedding_backward_tokens(bf16* dwte, const uint32_t* ids, const T* dout, int tokens,
+template <typename G, typename T>
+__device__ void embedding_backward_tokens(G* dwte, const uint32_t* ids, const T* dout, int tokens,
                                           int channels) {
     const int64_t n = (int64_t)tokens * channels;
     FOR_EACH(i, n) {
         const int64_t token = i / channels;
-        atomicAdd(&dwte[(int64_t)ids[token] * channels + i % channels], from_f32<bf16>(to_f32(dout[i])));
+        atomic_add(&dwte[(int64_t)ids[token] * channels + i % channels], to_f32(dout[i]));
     }
 }
 
