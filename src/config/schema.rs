@@ -179,7 +179,7 @@ impl Default for TrainConfig {
             global_batch_size: 32,
             lr: 1e-3,
             min_lr: 1e-4,
-            warmup_steps: 20,
+            warmup_steps: 50,
             weight_decay: 0.1,
             grad_clip: 1.0,
             beta1: 0.9,
