@@ -47,10 +47,6 @@ impl Batch {
             seq: self.seq,
         }
     }
-
-    pub fn tokens(&self) -> usize {
-        self.batch * self.seq
-    }
 }
 
 /// A deterministic source of batches.

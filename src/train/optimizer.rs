@@ -65,11 +65,6 @@ impl<B: Backend> AdamW<B> {
         &self.cfg
     }
 
-    /// Number of completed updates.
-    pub fn steps_done(&self) -> u64 {
-        self.step
-    }
-
     /// The f32 master shards (the parameter shards themselves when those are f32).
     pub fn master<'a>(&'a self, params: &'a [B::Buf]) -> &'a [B::Buf] {
         self.master.as_deref().unwrap_or(params)

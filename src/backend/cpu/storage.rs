@@ -70,21 +70,6 @@ impl<T: Real> CpuBuf<T> {
         Arc::ptr_eq(&self.storage, &other.storage) && a0 < b1 && b0 < a1 && self.len > 0
     }
 
-    /// A buffer holding `values` at full `T` precision (rounded if `dtype` is bf16). Unlike
-    /// `Backend::upload`, which takes f32, this keeps f64 inputs exact for gradient checks.
-    pub fn from_vec(mut values: Vec<T>, dtype: DType) -> Self {
-        round_to_dtype(dtype, &mut values);
-        let len = values.len();
-        CpuBuf {
-            storage: Arc::new(Storage {
-                data: UnsafeCell::new(values),
-            }),
-            offset: 0,
-            len,
-            dtype,
-        }
-    }
-
     /// Overwrites this view with `values` at full `T` precision (rounded to the dtype).
     pub fn set(&self, values: &[T]) -> Result<()> {
         if values.len() != self.len {
