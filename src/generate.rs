@@ -11,6 +11,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DType};
 use crate::config::Config;
 use crate::data::tokenizer::{decode_bytes, encode_bytes, BYTE_VOCAB};
+use crate::error::UsageError;
 use crate::model::{Gpt, ParamLayout, ResidentParams};
 use crate::train::{gpt_shape, weights, CONFIG_FILE, WEIGHTS_FILE};
 
@@ -30,10 +31,11 @@ pub struct SampleOptions {
 /// the generated text.
 pub fn sample_from_run(run_dir: &Path, opts: &SampleOptions) -> Result<String> {
     if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) {
-        bail!(
+        return Err(UsageError(format!(
             "--temperature must be a finite number >= 0, got {}",
             opts.temperature
-        );
+        ))
+        .into());
     }
     let cfg = Config::load(Some(&run_dir.join(CONFIG_FILE)), &[])?;
     let weights_path = run_dir.join(WEIGHTS_FILE);

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod generate;
 pub mod model;
 pub mod shard;

@@ -295,6 +295,20 @@ fn sample_without_a_finished_run_explains_what_is_missing() {
 }
 
 #[test]
+fn a_bad_sampling_argument_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = shardtrain(&[
+        "sample",
+        "--run-dir",
+        tmp.path().to_str().unwrap(),
+        "--temperature",
+        "nan",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--temperature"));
+}
+
+#[test]
 fn help_names_the_commands() {
     let out = shardtrain(&["--help"]);
     let help = text(&out.stdout);

@@ -11,10 +11,10 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError};
+use crate::error::UsageError;
 use crate::generate::{sample_from_run, SampleOptions};
 use crate::shard::memory::mib;
 use crate::train::{self, CONFIG_FILE};
-pub use run_dir::UsageError;
 
 /// shardtrain trains GPT language models, sharding parameters, gradients and optimizer state
 /// across devices (FSDP / ZeRO style). With no GPU it trains on the CPU.

@@ -1,23 +1,12 @@
 //! The run directory: chosen (or named by the user), checked never to overwrite an earlier run,
 //! and created before training writes anything into it.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-/// Input the user must change (exit code 2), other than a config error.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
+use crate::error::UsageError;
 
 /// Creates the run directory: `explicit` if given (it must not exist or be empty), otherwise a
 /// fresh `runs/<name>-<UTC date-time>`.
