@@ -231,10 +231,7 @@ fn trace_of(strategy: ShardStrategy, prefetch: bool) -> Vec<Event> {
         let comms = comms[rank].lock().unwrap().take().unwrap();
         let mut units = ShardedUnits::new(&be, &layout, plan.clone(), comms)?;
         for (u, full) in initial_weights(&layout, 1).iter().enumerate() {
-            let range = units.shard_layout().range(u, rank);
-            let mut mine = vec![0.0; range.len()];
-            let end = range.end.min(full.len());
-            mine[..end - range.start].copy_from_slice(&full[range.start..end]);
+            let mine = units.shard_layout().shard_of(u, rank, full);
             be.upload(&units.param_shards[u], &mine)?;
         }
         let mut model = Gpt::new(layout, DType::F32);

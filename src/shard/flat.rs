@@ -57,6 +57,18 @@ impl ShardLayout {
         group_rank * len..(group_rank + 1) * len
     }
 
+    /// `group_rank`'s shard of `unit`, cut from the unit's full (unpadded) values; the padding
+    /// tail is zero.
+    pub fn shard_of(&self, unit: usize, group_rank: usize, full: &[f32]) -> Vec<f32> {
+        let range = self.range(unit, group_rank);
+        let mut mine = vec![0.0f32; range.len()];
+        let end = range.end.min(full.len());
+        if range.start < end {
+            mine[..end - range.start].copy_from_slice(&full[range.start..end]);
+        }
+        mine
+    }
+
     /// The pieces of real tensors inside `group_rank`'s shard of `unit` (padding excluded).
     pub fn segments(&self, layout: &ParamLayout, unit: usize, group_rank: usize) -> Vec<Segment> {
         let shard = self.range(unit, group_rank);
@@ -121,6 +133,11 @@ mod tests {
                     .map(|t| t.numel())
                     .sum();
                 assert_eq!(decayed, want);
+                // The shards of real values, concatenated, give the unit back.
+                let full: Vec<f32> = (0..unit.numel).map(|i| i as f32 + 1.0).collect();
+                let joined: Vec<f32> = (0..group).flat_map(|r| s.shard_of(u, r, &full)).collect();
+                assert_eq!(&joined[..unit.numel], &full[..]);
+                assert!(joined[unit.numel..].iter().all(|&x| x == 0.0));
             }
         }
     }

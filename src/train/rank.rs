@@ -73,12 +73,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         // Every rank draws the same full initial weights and keeps its own range: identical
         // weights whatever the world size.
         for (u, full) in initial_weights(&layout, cfg.train.seed).iter().enumerate() {
-            let range = shards.range(u, group_rank);
-            let mut mine = vec![0.0f32; range.len()];
-            let end = range.end.min(full.len());
-            if range.start < end {
-                mine[..end - range.start].copy_from_slice(&full[range.start..end]);
-            }
+            let mine = shards.shard_of(u, group_rank, full);
             opt.set_master(&be, u, &mine, &units.param_shards)?;
         }
         Ok(RankTrainer {
