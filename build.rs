@@ -1,4 +1,4 @@
-//! Build script: compiles every `kernels/*.cu` with nvcc into portable PTX (compute_90) and a
+//! Build script: compiles every `kernels/*.cu` with nvcc into portable PTX (compute_80: Ampere and newer) and a
 //! Hopper cubin (sm_90), embedded in the binary through a generated module index; and records
 //! the commit the binary was built from (shown by `--version`, written to each run's summary).
 //!
@@ -129,7 +129,7 @@ fn compile_kernels() {
                 let common = ["-O3", "-std=c++17", "-lineinfo", include.as_str()];
                 let ptx_s = ptx.to_string_lossy();
                 let mut args: Vec<&str> = common.to_vec();
-                args.extend(["-arch=compute_90", "--ptx", "-o", &ptx_s]);
+                args.extend(["-arch=compute_80", "--ptx", "-o", &ptx_s]);
                 run_nvcc(nvcc, &args, source);
                 let cubin_s = cubin.to_string_lossy();
                 let mut args: Vec<&str> = common.to_vec();

@@ -6,6 +6,7 @@
 //! device). `config` and `data` sit beside them, feeding the trainer.
 
 pub mod backend;
+pub mod check;
 pub mod cli;
 pub mod comm;
 pub mod config;

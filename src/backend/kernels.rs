@@ -1,5 +1,5 @@
 //! The CUDA kernels compiled at build time (see build.rs): one module per `kernels/*.cu` file, as
-//! portable PTX (compute_90, JIT-compiled by the driver on Hopper and newer) and an sm_90 cubin.
+//! portable PTX (compute_80, JIT-compiled by the driver on Ampere and newer) and an sm_90 cubin.
 //! Kernel entry points are named `op_dtype` (for example `gelu_forward_bf16`). A build without nvcc
 //! has no modules and says so through [`CUDA_COMPILED`].
 
@@ -27,7 +27,7 @@ pub fn missing_kernels_reason() -> Option<&'static str> {
     )
 }
 
-/// Entry points every module must export, module by module: what the CUDA backend will load.
+/// Entry points every module must export, module by module: exactly what the CUDA backend loads.
 pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
     (
         "elementwise",
@@ -92,11 +92,17 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "attention_forward_f32_hs64",
             "attention_forward_bf16_hs32",
             "attention_forward_bf16_hs64",
+            "attention_backward_preprocess_f32_hs32",
             "attention_backward_preprocess_f32_hs64",
+            "attention_backward_preprocess_bf16_hs32",
             "attention_backward_preprocess_bf16_hs64",
             "attention_backward_dkdv_f32_hs32",
+            "attention_backward_dkdv_f32_hs64",
+            "attention_backward_dkdv_bf16_hs32",
             "attention_backward_dkdv_bf16_hs64",
             "attention_backward_dq_f32_hs32",
+            "attention_backward_dq_f32_hs64",
+            "attention_backward_dq_bf16_hs32",
             "attention_backward_dq_bf16_hs64",
         ],
     ),
@@ -110,6 +116,15 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "adamw_bf16_bf16",
             "sum_squares_f32",
             "sum_squares_bf16",
+        ],
+    ),
+    (
+        "reduce",
+        &[
+            "column_partial_sums_f32",
+            "column_partial_sums_bf16",
+            "accumulate_column_sums_f32",
+            "accumulate_column_sums_bf16",
         ],
     ),
 ];

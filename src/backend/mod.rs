@@ -16,6 +16,7 @@
 //!   which for every output.
 
 pub mod cpu;
+pub mod cuda;
 pub mod kernels;
 
 use std::fmt::Debug;
@@ -108,6 +109,14 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// Device time spent in one op, summed over its calls (see [`Backend::take_op_times`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: u64,
+    pub total_ms: f64,
+}
+
 /// LayerNorm epsilon, as in GPT-2 and PyTorch's default.
 pub const LAYERNORM_EPS: f32 = 1e-5;
 
@@ -136,6 +145,22 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
     /// Waits until every op issued so far has finished.
     fn synchronize(&self) -> Result<()>;
+
+    // ---- instrumentation (optional) -----------------------------------------------------------
+
+    /// Bytes of device memory held through this backend, now and at most since the last
+    /// [`Backend::reset_peak_memory`]; `None` where the backend does not track it (the CPU).
+    fn memory_in_use(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Starts a new peak-memory measurement.
+    fn reset_peak_memory(&self) {}
+    /// Turns per-op device timing on or off (off by default: it costs time of its own).
+    fn set_op_timing(&self, _on: bool) {}
+    /// The per-op times gathered since the last call, largest first (empty when never timed).
+    fn take_op_times(&self) -> Result<Vec<OpTime>> {
+        Ok(Vec::new())
+    }
 
     // ---- elementwise --------------------------------------------------------------------------
 

@@ -7,9 +7,13 @@ mod run_dir;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::OpTime;
+use crate::check::{check_ops, CheckOptions};
 use crate::config::{Config, ConfigError};
 use crate::error::UsageError;
 use crate::generate::{sample_from_run, SampleOptions};
@@ -35,6 +39,28 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from the final weights of a finished training run.
     Sample(SampleArgs),
+    /// Compare every op of a backend with the CPU reference on fresh random inputs (outputs
+    /// poisoned first, so an element left unwritten fails); exits 1 if any case fails.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The backend to check against the CPU reference (`cpu` checks the f32 CPU backend itself).
+    #[arg(long, value_enum, default_value_t = CheckDevice::Cuda)]
+    device: CheckDevice,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only ops whose name contains this text (for example `attention`).
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CheckDevice {
+    Cuda,
+    Cpu,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +142,7 @@ fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => train_command(args),
         Command::Sample(args) => sample_command(args),
+        Command::Check(args) => check_command(args),
     }
 }
 
@@ -139,10 +166,12 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .as_deref()
         .and_then(|p| p.file_stem())
         .map_or_else(|| "tiny".to_string(), |s| s.to_string_lossy().into_owned());
+    // The device is opened before the run directory exists: a missing GPU leaves nothing behind.
+    let device = train::device::resolve(cfg.device)?;
     let dir = run_dir::prepare(args.run_dir, &config_name)?;
     std::fs::write(dir.join(CONFIG_FILE), cfg.to_yaml())?;
     println!("run directory: {}", dir.display());
-    let s = train::train(&cfg, &dir)?;
+    let s = train::train_on(&device, &cfg, &dir, &train::Faults::default())?;
     let val = s
         .final_val_loss
         .map(|v| format!(", val_loss {v:.4}"))
@@ -157,6 +186,17 @@ fn train_command(args: TrainArgs) -> Result<()> {
         s.final_loss,
         dir.display()
     );
+    if let Some(peak) = s.device_memory_peak {
+        println!(
+            "device: {} | median step {:.1} ms | peak device memory of rank 0 {}",
+            s.device,
+            s.median_step_seconds * 1e3,
+            mib(peak)
+        );
+    }
+    if !s.op_times.is_empty() {
+        print!("{}", render_op_times(&s.op_times));
+    }
     let m = &s.memory;
     println!(
         "memory of rank 0: master params {} | param shards {} | gathered params (peak) {} | grads {} | optimizer {} | activations {} | total {} (ZeRO model state {} = {})",
@@ -173,6 +213,27 @@ fn train_command(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn check_command(args: CheckArgs) -> Result<()> {
+    let opts = CheckOptions {
+        seed: args.seed,
+        filter: args.filter,
+    };
+    let report = match args.device {
+        CheckDevice::Cuda => check_ops(&CudaBackend::new(&train::device::require_cuda()?)?, &opts)?,
+        CheckDevice::Cpu => check_ops(&CpuBackend::<f32>::new(), &opts)?,
+    };
+    print!("{}", report.render());
+    let failed = report.failures();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} op checks failed on {}",
+            report.cases.len(),
+            report.subject
+        );
+    }
+    Ok(())
+}
+
 fn sample_command(args: SampleArgs) -> Result<()> {
     let opts = SampleOptions {
         prompt: args.prompt,
@@ -184,4 +245,23 @@ fn sample_command(args: SampleArgs) -> Result<()> {
     let text = sample_from_run(&args.run_dir, &opts)?;
     println!("{}{text}", opts.prompt);
     Ok(())
+}
+
+/// The per-op timing table: op, calls, total and share of the timed device time.
+fn render_op_times(times: &[OpTime]) -> String {
+    let total: f64 = times.iter().map(|t| t.total_ms).sum();
+    let mut out = format!(
+        "{:<22} {:>8} {:>12} {:>7}\n",
+        "op (rank 0)", "calls", "total ms", "share"
+    );
+    for t in times {
+        out.push_str(&format!(
+            "{:<22} {:>8} {:>12.2} {:>6.1}%\n",
+            t.op,
+            t.calls,
+            t.total_ms,
+            100.0 * t.total_ms / total.max(f64::MIN_POSITIVE)
+        ));
+    }
+    out
 }

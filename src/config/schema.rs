@@ -293,6 +293,9 @@ pub struct LoggingConfig {
     pub metrics_file: String,
     /// How progress is shown on the console.
     pub progress: ProgressMode,
+    /// Time every device op during the last this-many steps (rank 0) and list where the time
+    /// went in the summary; 0 turns it off (timing each op costs a little time of its own).
+    pub profile_ops_steps: u64,
 }
 
 impl Default for LoggingConfig {
@@ -301,6 +304,7 @@ impl Default for LoggingConfig {
             every_steps: 10,
             metrics_file: "metrics.jsonl".to_string(),
             progress: ProgressMode::Auto,
+            profile_ops_steps: 0,
         }
     }
 }
@@ -325,4 +329,7 @@ pub enum DeviceKind {
     Auto,
     /// The CPU reference backend.
     Cpu,
+    /// The CUDA backend on GPU 0 (every rank of a `local` world shares it); an error when no
+    /// usable GPU, driver or cuBLAS is found, or the binary was built without kernels.
+    Cuda,
 }

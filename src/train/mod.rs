@@ -4,6 +4,7 @@
 //! `config.yaml`, the metrics file, `model.safetensors`, `summary.json`. Ranks are threads
 //! sharing this process, talking through the `local` communicator.
 
+pub mod device;
 pub mod metrics;
 pub mod optimizer;
 mod plan_report;
@@ -22,12 +23,15 @@ use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::OpTime;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
-use crate::config::{Config, DeviceKind};
+use crate::config::Config;
 use crate::model::init::init_tensor;
 use crate::model::{GptShape, ParamLayout};
 use crate::shard::memory::MemoryUse;
 use crate::shard::{RankComms, ShardPlan};
+use device::Device;
 use rank::RankTrainer;
 
 /// Name of the final weights inside a run directory.
@@ -49,6 +53,9 @@ pub struct TrainSummary {
     /// Time spent in training steps (evaluation excluded).
     pub train_seconds: f64,
     pub tokens_per_s: f64,
+    /// Median duration of one step, the first step (warm-up) and op-timed steps left out when
+    /// others remain.
+    pub median_step_seconds: f64,
     pub first_loss: f32,
     pub final_loss: f32,
     pub final_val_loss: Option<f32>,
@@ -58,6 +65,10 @@ pub struct TrainSummary {
     pub memory: MemoryUse,
     /// ZeRO's model-state formula for this strategy, and its value.
     pub zero_formula: (String, usize),
+    /// Peak bytes of device memory rank 0's backend held (GPU; `None` on the CPU).
+    pub device_memory_peak: Option<usize>,
+    /// Where rank 0's device time went over the op-timed steps (`logging.profile_ops_steps`).
+    pub op_times: Vec<OpTime>,
     pub weights: Option<PathBuf>,
 }
 
@@ -90,11 +101,26 @@ pub fn initial_weights(layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
 
 /// Runs the training job `cfg` (already validated), writing into the existing, empty `run_dir`.
 pub fn train(cfg: &Config, run_dir: &Path) -> Result<TrainSummary> {
-    train_with_faults(cfg, run_dir, &Faults::default())
+    train_on(
+        &device::resolve(cfg.device)?,
+        cfg,
+        run_dir,
+        &Faults::default(),
+    )
 }
 
 /// [`train`] with injected faults.
 pub fn train_with_faults(cfg: &Config, run_dir: &Path, faults: &Faults) -> Result<TrainSummary> {
+    train_on(&device::resolve(cfg.device)?, cfg, run_dir, faults)
+}
+
+/// [`train`] on a device already resolved (so a missing GPU fails before a run directory is made).
+pub fn train_on(
+    device: &Device,
+    cfg: &Config,
+    run_dir: &Path,
+    faults: &Faults,
+) -> Result<TrainSummary> {
     let plan = ShardPlan::new(&cfg.parallel);
     let world = LocalWorld::new(
         plan.world_size,
@@ -107,9 +133,18 @@ pub fn train_with_faults(cfg: &Config, run_dir: &Path, faults: &Faults) -> Resul
             .map_err(|_| anyhow!("rank {rank}: communicator lock poisoned"))?
             .take()
             .ok_or_else(|| anyhow!("rank {rank}: communicators already taken"))?;
-        match cfg.device {
-            DeviceKind::Auto | DeviceKind::Cpu => RankTrainer::new(
+        match device {
+            Device::Cpu => RankTrainer::new(
                 CpuBackend::<f32>::new(),
+                rank,
+                cfg,
+                run_dir,
+                plan.clone(),
+                comms,
+            )?
+            .run(faults),
+            Device::Cuda(gpu) => RankTrainer::new(
+                CudaBackend::new(gpu)?,
                 rank,
                 cfg,
                 run_dir,

@@ -243,12 +243,18 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         }
 
         let mut train_seconds = 0.0f64;
+        let mut step_times = Vec::with_capacity(t.max_steps as usize);
+        let profile_from = t.max_steps.saturating_sub(cfg.logging.profile_ops_steps) + 1;
         let started = Instant::now();
         let mut losses = Vec::with_capacity(t.max_steps as usize);
         let mut last_val = None;
         for step in 1..=t.max_steps {
             if faults.fail_rank_at_step == Some((self.rank, step)) {
                 bail!("injected failure at step {step}");
+            }
+            if lead && step == profile_from {
+                self.be.synchronize()?;
+                self.be.set_op_timing(true);
             }
             let step_start = Instant::now();
             self.units.zero_grads(&self.be)?;
@@ -276,6 +282,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
             self.be.synchronize()?;
             let step_seconds = step_start.elapsed().as_secs_f64();
             train_seconds += step_seconds;
+            step_times.push(step_seconds);
 
             let eval_due =
                 t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.max_steps);
@@ -305,6 +312,8 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         if let Some(p) = &progress {
             p.finish();
         }
+        let op_times = self.be.take_op_times()?;
+        self.be.set_op_timing(false);
 
         // Every rank takes part in gathering the final weights; rank 0 writes them.
         let weights = if cfg.checkpoint.save_final {
@@ -334,17 +343,57 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
             tokens: tokens_per_step * t.max_steps,
             train_seconds,
             tokens_per_s: (tokens_per_step * t.max_steps) as f64 / train_seconds,
+            median_step_seconds: median_step(&step_times, profile_from),
             first_loss: losses.first().copied().unwrap_or(f32::NAN),
             final_loss: losses.last().copied().unwrap_or(f32::NAN),
             final_val_loss: last_val,
             losses,
             memory: self.memory_use(),
             zero_formula: zero,
+            device_memory_peak: self.be.memory_in_use().map(|(_, peak)| peak),
+            op_times,
             weights,
         };
         let path = self.run_dir.join("summary.json");
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(Some(summary))
+    }
+}
+
+/// Median of the step times, leaving out the first step (warm-up: allocations, cuBLAS plans) and
+/// the op-timed steps from `profile_from` on, unless nothing would remain.
+fn median_step(times: &[f64], profile_from: u64) -> f64 {
+    let untimed = (profile_from as usize).saturating_sub(1).min(times.len());
+    let mut pick: Vec<f64> = times[..untimed].iter().skip(1).copied().collect();
+    if pick.is_empty() {
+        pick = times.to_vec();
+    }
+    if pick.is_empty() {
+        return f64::NAN;
+    }
+    pick.sort_by(f64::total_cmp);
+    let mid = pick.len() / 2;
+    if pick.len() % 2 == 1 {
+        pick[mid]
+    } else {
+        0.5 * (pick[mid - 1] + pick[mid])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_step;
+
+    #[test]
+    fn median_leaves_out_warm_up_and_timed_steps() {
+        // Steps 1..=5; steps 5 on are timed: the median is over steps 2, 3, 4.
+        assert_eq!(median_step(&[9.0, 1.0, 3.0, 2.0, 7.0], 5), 2.0);
+        // Nothing timed (profile_from past the end): steps 2..=4 → 1, 2, 3 → 2.
+        assert_eq!(median_step(&[9.0, 1.0, 2.0, 3.0], 5), 2.0);
+        // Even count averages the middle two.
+        assert_eq!(median_step(&[9.0, 1.0, 2.0, 3.0, 4.0], 6), 2.5);
+        // A single step is its own median.
+        assert_eq!(median_step(&[4.0], 2), 4.0);
     }
 }

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# GPU verification in one go: every CUDA op against the CPU reference, the tiny job on the GPU
+# against the CPU, ranks sharing the GPU against one rank, and GPT-2 124M timed beside PyTorch.
+#
+#   scripts/gpu-check.sh --prepare   on a build machine: release build with every kernel compiled,
+#                                    copied with the PyTorch anchor into gpu-bin/ (git-ignored)
+#   scripts/gpu-check.sh             on the GPU machine: uses gpu-bin/shardtrain, or builds with
+#                                    cargo when the machine has it; exits non-zero if a check fails
+#
+# Environment: OUT (where run directories and the log go; default a temp dir), SKIP_ANCHOR=1 (no
+# PyTorch), GPT2_STEPS (timed GPT-2 steps, default 30). Takes about 4-5 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    if [ -d .venv-cuda ] && [ -z "${NVCC:-}" ]; then
+        NVCC=$(ls .venv-cuda/lib/python*/site-packages/nvidia/cu13/bin/nvcc | head -1)
+        export NVCC
+    fi
+    SHARDTRAIN_REQUIRE_CUDA=1 cargo build --release --locked
+    mkdir -p gpu-bin
+    cp target/release/shardtrain gpu-bin/shardtrain
+    anchor=../shared/anchors/torch_gpt2_anchor.py
+    [ -f "$anchor" ] && cp "$anchor" gpu-bin/
+    ls -la gpu-bin
+    exit 0
+fi
+
+if command -v cargo >/dev/null 2>&1; then
+    SHARDTRAIN_REQUIRE_CUDA=1 cargo build --release --locked || exit 1
+    BIN=target/release/shardtrain
+elif [ -x gpu-bin/shardtrain ]; then
+    BIN=gpu-bin/shardtrain
+else
+    echo "no cargo here and no gpu-bin/shardtrain: run scripts/gpu-check.sh --prepare on a build machine" >&2
+    exit 2
+fi
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+FAILED=()
+note() { printf '\n=== %s\n' "$*"; }
+check() { # name, command...: runs it, records a failure
+    local name=$1; shift
+    if ! "$@"; then FAILED+=("$name"); echo "FAILED: $name"; fi
+}
+
+note "card"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$BIN" --version
+
+note "1. every CUDA op against the CPU reference"
+check "op checks" "$BIN" check --device cuda --seed 1
+check "op checks (seed 2)" "$BIN" check --device cuda --seed 2 >/dev/null
+
+quiet_train() { # run-dir, args...: trains with progress off, prints the final line
+    local dir=$1; shift
+    rm -rf "$dir"
+    "$BIN" train --run-dir "$dir" --set logging.progress=plain --set logging.every_steps=1000 "$@" | grep -E "^(done|device):"
+}
+
+compare() { # label, summary a, summary b, max rel diff first 10 steps, max rel diff all steps
+    python3 - "$@" <<'EOF'
+import json, sys
+label, a, b, tol10, tol = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+la, lb = json.load(open(a))["losses"], json.load(open(b))["losses"]
+assert len(la) == len(lb), f"{len(la)} vs {len(lb)} steps"
+rel = [abs(x - y) / abs(y) for x, y in zip(la, lb)]
+d10, dall = max(rel[:10]), max(rel)
+ok = d10 <= tol10 and dall <= tol
+print(f"{label}: max relative loss difference steps 1-10 {d10:.2e} (limit {tol10:.0e}), all {len(rel)} steps {dall:.2e} (limit {tol:.0e}) -> {'ok' if ok else 'FAIL'}")
+print("  losses a:", " ".join(f"{x:.4f}" for x in la[:5]), "...", f"{la[-1]:.4f}")
+print("  losses b:", " ".join(f"{x:.4f}" for x in lb[:5]), "...", f"{lb[-1]:.4f}")
+sys.exit(0 if ok else 1)
+EOF
+}
+
+TINY=(--set train.max_steps=60 --set train.warmup_steps=20 --set train.eval_every=0 --set checkpoint.save_final=false)
+note "2. tiny job: GPU against CPU (f32, then the bf16 policy)"
+quiet_train "$OUT/tiny-gpu" "${TINY[@]}" --set device=cuda
+quiet_train "$OUT/tiny-cpu" "${TINY[@]}" --set device=cpu
+check "tiny gpu=cpu f32" compare "tiny f32, gpu vs cpu" "$OUT/tiny-gpu/summary.json" "$OUT/tiny-cpu/summary.json" 1e-4 2e-2
+BF16=(--set parallel.mixed_precision.param_dtype=bf16)
+quiet_train "$OUT/tiny-gpu-bf16" "${TINY[@]}" "${BF16[@]}" --set device=cuda
+quiet_train "$OUT/tiny-cpu-bf16" "${TINY[@]}" "${BF16[@]}" --set device=cpu
+check "tiny gpu=cpu bf16" compare "tiny bf16, gpu vs cpu" "$OUT/tiny-gpu-bf16/summary.json" "$OUT/tiny-cpu-bf16/summary.json" 1e-2 3e-2
+
+note "3. four ranks sharing the GPU against one rank"
+quiet_train "$OUT/tiny-gpu-w4" "${TINY[@]}" --set device=cuda --world 4 --set parallel.strategy=full_shard
+check "world 4 = world 1 (gpu)" compare "tiny f32 on the gpu, world 4 vs world 1" "$OUT/tiny-gpu-w4/summary.json" "$OUT/tiny-gpu/summary.json" 1e-5 2e-2
+quiet_train "$OUT/tiny-gpu-w4-hybrid" "${TINY[@]}" --set device=cuda --world 4 --set parallel.strategy=hybrid_shard --set parallel.shard_group_size=2
+check "world 4 hybrid = world 1 (gpu)" compare "tiny f32 on the gpu, world 4 hybrid_shard vs world 1" "$OUT/tiny-gpu-w4-hybrid/summary.json" "$OUT/tiny-gpu/summary.json" 1e-5 2e-2
+
+note "4. GPT-2 124M, micro-batch 16 x 1024, bf16, full_shard world 1"
+STEPS=${GPT2_STEPS:-30}
+quiet_train "$OUT/gpt2" --config configs/gpt2-124m.yaml --set device=cuda \
+    --set train.max_steps="$STEPS" --set train.warmup_steps=5 --set train.global_batch_size=16 \
+    --set train.eval_every=0 --set checkpoint.save_final=false --set logging.profile_ops_steps=5
+check "gpt2 timing" python3 - "$OUT/gpt2/summary.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+L, d, T = 12, 768, 1024
+flops_token = 6 * s["params"] + 12 * L * d * T     # FACTS.md: 0.860 GFLOP for GPT-2 124M
+ms = s["median_step_seconds"] * 1e3
+tok_s = 16 * T / s["median_step_seconds"]
+print(f"shardtrain: {ms:.1f} ms/step (median, first step and op-timed steps left out), {tok_s:,.0f} tokens/s, "
+      f"MFU {tok_s * flops_token / 989e12:.3f} (vs 989 TFLOP/s), peak device memory {s['device_memory_peak'] / 2**30:.2f} GiB, "
+      f"loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
+total = sum(t["total_ms"] for t in s["op_times"]) or 1.0
+steps = 5  # logging.profile_ops_steps
+print(f"{'op':<22}{'calls':>8}{'ms/step':>10}{'share':>8}")
+for t in s["op_times"]:
+    print(f"{t['op']:<22}{t['calls']:>8}{t['total_ms'] / steps:>10.2f}{100 * t['total_ms'] / total:>7.1f}%")
+print(f"{'(sum of op times)':<22}{'':>8}{total / steps:>10.2f}")
+EOF
+
+if [ "${SKIP_ANCHOR:-0}" != 1 ]; then
+    note "5. PyTorch anchor on the same card (eager, torch.compile)"
+    anchor=gpu-bin/torch_gpt2_anchor.py
+    [ -f "$anchor" ] || anchor=../shared/anchors/torch_gpt2_anchor.py
+    if [ -f "$anchor" ]; then
+        timeout 240 python3 "$anchor" eager compile || FAILED+=("anchor")
+    else
+        echo "anchor script not found (run --prepare, or set SKIP_ANCHOR=1)"
+        FAILED+=("anchor missing")
+    fi
+fi
+
+note "summary"
+if [ ${#FAILED[@]} -eq 0 ]; then
+    echo "all GPU checks passed ($OUT)"
+else
+    printf 'FAILED: %s\n' "${FAILED[@]}"
+    exit 1
+fi

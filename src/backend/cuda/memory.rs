@@ -1,0 +1,201 @@
+//! Device memory for the CUDA backend: stream-ordered allocations (cuMemAllocAsync from the
+//! device's pool, so the per-step gathers and frees cost no driver round trip), the buffer handle
+//! the Backend trait hands out, and the bytes each backend holds (current and peak).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{sys::CUdeviceptr, CudaStream};
+
+use crate::backend::{Buffer, DType};
+
+/// Bytes held through one backend: now and at most.
+#[derive(Debug, Default)]
+pub struct MemoryStats {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemoryStats {
+    fn add(&self, bytes: usize) {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.current.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak measurement from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.current(), Ordering::Relaxed);
+    }
+}
+
+/// One allocation, freed (stream-ordered, after the work queued before it) when the last handle
+/// to it goes.
+pub(super) struct DeviceMemory {
+    ptr: CUdeviceptr,
+    bytes: usize,
+    stream: Arc<CudaStream>,
+    stats: Arc<MemoryStats>,
+}
+
+impl DeviceMemory {
+    /// `bytes` of uninitialised memory, ordered on `stream`. Zero bytes allocate nothing.
+    pub(super) fn new(
+        stream: &Arc<CudaStream>,
+        stats: &Arc<MemoryStats>,
+        bytes: usize,
+    ) -> Result<DeviceMemory> {
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+            // SAFETY: a plain stream-ordered allocation on a live stream of the bound context.
+            unsafe { cudarc::driver::result::malloc_async(stream.cu_stream(), bytes) }.map_err(
+                |e| {
+                    anyhow!(
+                        "allocating {bytes} bytes on the GPU failed: {e:?} (out of GPU memory? \
+                         {} bytes are held by this rank)",
+                        stats.current()
+                    )
+                },
+            )?
+        };
+        stats.add(bytes);
+        Ok(DeviceMemory {
+            ptr,
+            bytes,
+            stream: stream.clone(),
+            stats: stats.clone(),
+        })
+    }
+
+    pub(super) fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // A failure here cannot be returned; the context records it for the next call.
+            let ctx = self.stream.context();
+            ctx.record_err(ctx.bind_to_thread());
+            // SAFETY: the pointer came from malloc_async on this stream and is freed once; work
+            // queued on the stream before this point still sees valid memory.
+            ctx.record_err(unsafe {
+                cudarc::driver::result::free_async(self.ptr, self.stream.cu_stream())
+            });
+        }
+        self.stats.sub(self.bytes);
+    }
+}
+
+/// A CUDA buffer handle: a view of `len` elements of `dtype` at element `offset` of an allocation.
+/// Cloning shares the memory, as the Backend contract says.
+#[derive(Clone)]
+pub struct CudaBuf {
+    pub(super) mem: Arc<DeviceMemory>,
+    pub(super) offset: usize,
+    pub(super) len: usize,
+    pub(super) dtype: DType,
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaBuf({} x {} at {:#x})",
+            self.len,
+            self.dtype,
+            self.ptr()
+        )
+    }
+}
+
+impl Buffer for CudaBuf {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl CudaBuf {
+    /// Device address of the first element.
+    pub(super) fn ptr(&self) -> u64 {
+        self.mem.ptr() + (self.offset * self.dtype.size_bytes()) as u64
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.len * self.dtype.size_bytes()
+    }
+
+    pub(super) fn view(&self, offset: usize, len: usize) -> Result<CudaBuf> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            bail!(
+                "slice: elements {offset}..{} are outside a buffer of {}",
+                offset.saturating_add(len),
+                self.len
+            );
+        }
+        Ok(CudaBuf {
+            mem: self.mem.clone(),
+            offset: self.offset + offset,
+            len,
+            dtype: self.dtype,
+        })
+    }
+
+    /// Whether the two views share any byte (outputs must not overlap inputs).
+    pub(super) fn overlaps(&self, other: &CudaBuf) -> bool {
+        let (a0, a1) = (self.ptr(), self.ptr() + self.bytes() as u64);
+        let (b0, b1) = (other.ptr(), other.ptr() + other.bytes() as u64);
+        a0 < b1 && b0 < a1
+    }
+}
+
+/// Token ids on the GPU, with a host copy for the range checks the contract asks for.
+#[derive(Clone)]
+pub struct CudaIds {
+    pub(super) mem: Arc<DeviceMemory>,
+    pub(super) host: Arc<Vec<u32>>,
+}
+
+impl std::fmt::Debug for CudaIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaIds({} ids)", self.host.len())
+    }
+}
+
+impl CudaIds {
+    pub(super) fn ptr(&self) -> u64 {
+        self.mem.ptr()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.host.len()
+    }
+}
+
+// SAFETY: DeviceMemory holds a device address (an integer) and thread-safe handles; freeing is a
+// stream-ordered driver call valid from any thread once the context is bound (Drop binds it).
+unsafe impl Send for DeviceMemory {}
+// SAFETY: as above; no interior mutation through &DeviceMemory.
+unsafe impl Sync for DeviceMemory {}

@@ -1,0 +1,105 @@
+//! Cases of causal attention forward and backward: head sizes 32 and 64, sequences of 1 to 130
+//! (one token, odd, a tile, a tile plus one, two tiles plus two), f32 and bf16. `lse` is f32.
+
+use anyhow::Result;
+
+use crate::backend::cpu::CpuBuf;
+use crate::backend::{AttentionShape, Backend, DType};
+use crate::check::harness::{Ctx, Reference};
+use crate::check::random::{normal, uniform};
+
+/// (batch, seq, heads, head_dim).
+const SHAPES: [(usize, usize, usize, usize); 10] = [
+    (1, 1, 1, 32),
+    (1, 1, 2, 64),
+    (2, 17, 3, 32),
+    (1, 17, 1, 64),
+    (1, 64, 2, 32),
+    (2, 64, 1, 64),
+    (2, 65, 2, 32),
+    (1, 65, 3, 64),
+    (1, 130, 1, 32),
+    (2, 130, 2, 64),
+];
+
+fn shapes() -> impl Iterator<Item = (AttentionShape, DType)> {
+    SHAPES
+        .into_iter()
+        .flat_map(|(batch, seq, heads, head_dim)| {
+            let shape = AttentionShape {
+                batch,
+                seq,
+                heads,
+                head_dim,
+            };
+            [(shape, DType::F32), (shape, DType::Bf16)]
+        })
+}
+
+fn describe(s: &AttentionShape, dtype: DType) -> String {
+    format!(
+        "batch={} seq={} heads={} head_dim={} {dtype}",
+        s.batch, s.seq, s.heads, s.head_dim
+    )
+}
+
+/// Elements of `qkv`, of `out`, and of `lse`.
+fn sizes(s: &AttentionShape) -> (usize, usize, usize) {
+    let tokens = s.batch * s.seq;
+    (
+        tokens * 3 * s.channels(),
+        tokens * s.channels(),
+        tokens * s.heads,
+    )
+}
+
+// Queries and keys N(0, 1): scaled scores then have unit spread, so the softmax is neither uniform
+// nor one-hot.
+
+pub(super) fn forward<S: Backend>(cx: &mut Ctx<'_, S>) {
+    for (shape, dtype) in shapes() {
+        cx.case(describe(&shape, dtype), |t, rng| {
+            let (n_qkv, n_out, n_lse) = sizes(&shape);
+            let qkv = t.input("qkv", &normal(rng, n_qkv, 1.0), dtype)?;
+            let out = t.overwritten("out", n_out, dtype)?;
+            let lse = t.overwritten("lse", n_lse, DType::F32)?;
+            t.run(
+                |be| be.attention_forward(&out.s, &lse.s, &qkv.s, shape),
+                |be| be.attention_forward(&out.r, &lse.r, &qkv.r, shape),
+            )
+        });
+    }
+}
+
+/// The reference forward's `out` and `lse` for `qkv`: the backward's inputs on both backends, so
+/// only the backward is compared.
+fn reference_forward(
+    be: &Reference,
+    qkv: &CpuBuf<f64>,
+    shape: AttentionShape,
+    dtype: DType,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (_, n_out, n_lse) = sizes(&shape);
+    let out = be.alloc(n_out, dtype)?;
+    let lse = be.alloc(n_lse, DType::F32)?;
+    be.attention_forward(&out, &lse, qkv, shape)?;
+    Ok((be.download(&out)?, be.download(&lse)?))
+}
+
+pub(super) fn backward<S: Backend>(cx: &mut Ctx<'_, S>) {
+    for (shape, dtype) in shapes() {
+        cx.case(describe(&shape, dtype), |t, rng| {
+            let (n_qkv, n_out, _) = sizes(&shape);
+            let qkv = t.input("qkv", &normal(rng, n_qkv, 1.0), dtype)?;
+            let (out, lse) = reference_forward(t.reference(), &qkv.r, shape, dtype)?;
+            let out = t.input("out", &out, dtype)?;
+            let lse = t.input("lse", &lse, DType::F32)?;
+            let dout = t.input("dout", &uniform(rng, n_out, 1.0), dtype)?;
+            let dqkv = t.overwritten("dqkv", n_qkv, dtype)?;
+            t.run(
+                |be| be.attention_backward(&dqkv.s, &dout.s, &qkv.s, &out.s, &lse.s, shape),
+                |be| be.attention_backward(&dqkv.r, &dout.r, &qkv.r, &out.r, &lse.r, shape),
+            )
+        });
+    }
+}

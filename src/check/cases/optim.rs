@@ -1,0 +1,68 @@
+//! Cases of the AdamW update (f32 and bf16 gradients, no compute copy or an f32 or bf16 one,
+//! first and tenth step) and of the sum of squares behind global-norm clipping.
+
+use crate::backend::{AdamWStep, Backend, DType};
+use crate::check::harness::Ctx;
+use crate::check::random::{between, uniform};
+
+const ADAMW_LENS: [usize; 3] = [1, 777, 4099];
+
+pub(super) fn adamw<S: Backend>(cx: &mut Ctx<'_, S>) {
+    for n in ADAMW_LENS {
+        for grad_dtype in [DType::F32, DType::Bf16] {
+            for copy_dtype in [None, Some(DType::F32), Some(DType::Bf16)] {
+                for (step, grad_scale) in [(1, 0.5), (10, 1.7)] {
+                    let hp = AdamWStep {
+                        lr: 0.01,
+                        beta1: 0.9,
+                        beta2: 0.95,
+                        eps: 1e-8,
+                        weight_decay: 0.1,
+                        step,
+                        grad_scale,
+                    };
+                    let copy = copy_dtype.map_or("none".to_string(), |d| d.to_string());
+                    let case = format!(
+                        "n={n} grad {grad_dtype} param_copy {copy} step={step} grad_scale={grad_scale}"
+                    );
+                    cx.case(case, |t, rng| {
+                        let grad = t.input("grad", &uniform(rng, n, 1.0), grad_dtype)?;
+                        let param = t.in_place("param", &uniform(rng, n, 1.0), DType::F32)?;
+                        // Moments as after some training: m mostly positive, v >= 0.
+                        let m = t.in_place("m", &between(rng, n, -0.02, 0.05), DType::F32)?;
+                        let v = t.in_place("v", &between(rng, n, 0.0, 3e-3), DType::F32)?;
+                        let copy = match copy_dtype {
+                            Some(d) => Some(t.overwritten("param_copy", n, d)?),
+                            None => None,
+                        };
+                        t.run(
+                            |be| {
+                                let c = copy.as_ref().map(|c| &c.s);
+                                be.adamw(&param.s, &grad.s, &m.s, &v.s, c, &hp)
+                            },
+                            |be| {
+                                let c = copy.as_ref().map(|c| &c.r);
+                                be.adamw(&param.r, &grad.r, &m.r, &v.r, c, &hp)
+                            },
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn sum_squares<S: Backend>(cx: &mut Ctx<'_, S>) {
+    for n in [1, 1000, 100_003] {
+        for dtype in [DType::F32, DType::Bf16] {
+            cx.case(format!("n={n} {dtype}"), |t, rng| {
+                let x = t.input("x", &uniform(rng, n, 1.0), dtype)?;
+                let acc = t.in_place("acc", &between(rng, 1, 0.5, 5.0), DType::F32)?;
+                t.run(
+                    |be| be.sum_squares(&acc.s, &x.s),
+                    |be| be.sum_squares(&acc.r, &x.r),
+                )
+            });
+        }
+    }
+}
