@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod check;
+pub mod checkpoint;
 pub mod cli;
 pub mod comm;
 pub mod config;

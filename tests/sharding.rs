@@ -6,6 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{small_config, STRATEGIES};
 use shardtrain::backend::cpu::CpuBackend;
 use shardtrain::backend::{Backend, DType};
 use shardtrain::comm::local::{run_ranks, LocalWorld};
@@ -18,35 +21,6 @@ use shardtrain::train::{
     gpt_shape, initial_weights, planned_memory, train, train_with_faults, weights, Faults,
     TrainSummary, WEIGHTS_FILE,
 };
-
-/// A small job: 24 sequences of 16 tokens per step, divisible into micro-batches of 2 for every
-/// world size 1..4.
-fn small_config(world: usize, strategy: ShardStrategy, steps: u64) -> Config {
-    let mut c = Config::default();
-    c.model.n_layer = 2;
-    c.model.n_head = 2;
-    c.model.d_model = 16;
-    c.model.block_size = 16;
-    c.model.seq_len = 16;
-    c.train.micro_batch_size = 2;
-    c.train.global_batch_size = 24;
-    c.train.max_steps = steps;
-    c.train.warmup_steps = steps.min(2);
-    c.train.eval_every = 0;
-    c.parallel.world_size = world;
-    c.parallel.strategy = strategy;
-    c.parallel.shard_group_size =
-        if strategy == ShardStrategy::HybridShard && world.is_multiple_of(2) {
-            2
-        } else {
-            1
-        };
-    c.parallel.collective_timeout_s = 20.0;
-    c.logging.progress = shardtrain::config::ProgressMode::Plain;
-    c.logging.every_steps = 1000;
-    c.validate().expect("the test config is valid");
-    c
-}
 
 fn run(cfg: &Config) -> (TrainSummary, Vec<Vec<f32>>) {
     let dir = tempfile::tempdir().unwrap();
@@ -71,13 +45,6 @@ fn first_weight_mismatch(a: &[f32], b: &[f32], rel: f32, abs: f32) -> Option<(us
         .find(|(_, (x, y))| (*x - *y).abs() > rel * x.abs().max(y.abs()) + abs)
         .map(|(i, (x, y))| (i, *x, *y))
 }
-
-const STRATEGIES: [ShardStrategy; 4] = [
-    ShardStrategy::FullShard,
-    ShardStrategy::ShardGradOp,
-    ShardStrategy::NoShard,
-    ShardStrategy::HybridShard,
-];
 
 /// How close a run must come to the one-rank run.
 struct Tolerance {
@@ -335,6 +302,7 @@ fn a_failing_rank_fails_every_rank_quickly_naming_it() {
     let start = Instant::now();
     let faults = Faults {
         fail_rank_at_step: Some((2, 3)),
+        ..Faults::default()
     };
     let err = train_with_faults(&cfg, dir.path(), &faults).expect_err("rank 2 fails");
     let msg = format!("{err:#}");

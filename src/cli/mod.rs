@@ -14,6 +14,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::OpTime;
 use crate::check::{check_ops, CheckOptions};
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, ConfigError};
 use crate::error::UsageError;
 use crate::generate::{sample_from_run, SampleOptions};
@@ -39,9 +40,36 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from the final weights of a finished training run.
     Sample(SampleArgs),
+    /// Inspect checkpoints: `shardtrain ckpt inspect PATH`.
+    Ckpt {
+        #[command(subcommand)]
+        command: CkptCommand,
+    },
+    /// Write a run's or a checkpoint's weights as a Hugging Face GPT-2 model (`model.safetensors`
+    /// and `config.json`) that `transformers` loads as GPT2LMHeadModel.
+    Export(ExportArgs),
     /// Compare every op of a backend with the CPU reference on fresh random inputs (outputs
     /// poisoned first, so an element left unwritten fails); exits 1 if any case fails.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CkptCommand {
+    /// Step, world size, strategy, tensors and files of a checkpoint, every checksum verified.
+    Inspect {
+        /// A checkpoint directory, a directory of checkpoints or a run directory (newest).
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// A finished run directory (its final weights), or a checkpoint (or a run directory with
+    /// checkpoints but no final weights).
+    source: PathBuf,
+    /// Output directory; it must not already hold a model.safetensors.
+    #[arg(long, short, value_name = "DIR")]
+    output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +113,12 @@ struct TrainArgs {
     /// training or writing anything.
     #[arg(long)]
     dry_run: bool,
+    /// Continue from a checkpoint: a `step-N` directory, a run directory (its newest checkpoint),
+    /// or `latest` (the newest checkpoint in --run-dir, or under runs/). The config comes from the
+    /// checkpoint; `--set` and `--world` may change it (another world size or strategy reshards).
+    /// The run continues in the checkpoint's run directory unless --run-dir names another.
+    #[arg(long, value_name = "PATH|latest")]
+    resume: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +177,13 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Train(args) => train_command(args),
         Command::Sample(args) => sample_command(args),
         Command::Check(args) => check_command(args),
+        Command::Ckpt {
+            command: CkptCommand::Inspect { path },
+        } => {
+            print!("{}", checkpoint::inspect(&path)?);
+            Ok(())
+        }
+        Command::Export(args) => export_command(args),
     }
 }
 
@@ -150,6 +191,16 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let mut overrides = args.set;
     if let Some(n) = args.world {
         overrides.push(format!("parallel.world_size={n}"));
+    }
+    if let Some(resume) = &args.resume {
+        return resume_command(
+            resume,
+            args.config.as_deref(),
+            args.run_dir,
+            &overrides,
+            args.print_config,
+            args.dry_run,
+        );
     }
     // Everything is validated before anything is written.
     let cfg = Config::load(args.config.as_deref(), &overrides)?;
@@ -166,12 +217,110 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .as_deref()
         .and_then(|p| p.file_stem())
         .map_or_else(|| "tiny".to_string(), |s| s.to_string_lossy().into_owned());
-    // The device is opened before the run directory exists: a missing GPU leaves nothing behind.
+    // The device is opened (and init_from read) before the run directory exists: a missing GPU
+    // or weights file leaves nothing behind.
     let device = train::device::resolve(cfg.device)?;
+    let start = train::start_of(&cfg, None)?;
     let dir = run_dir::prepare(args.run_dir, &config_name)?;
     std::fs::write(dir.join(CONFIG_FILE), cfg.to_yaml())?;
     println!("run directory: {}", dir.display());
-    let s = train::train_on(&device, &cfg, &dir, &train::Faults::default())?;
+    run_and_report(&device, &cfg, &dir, &start)
+}
+
+/// `train --resume`: the checkpoint's config with the overrides, continued in its run directory
+/// (or a new one).
+fn resume_command(
+    resume: &str,
+    config: Option<&std::path::Path>,
+    run_dir: Option<PathBuf>,
+    overrides: &[String],
+    print_config: bool,
+    dry_run: bool,
+) -> Result<()> {
+    if config.is_some() {
+        return Err(UsageError(
+            "--resume takes the config from the checkpoint; change keys with --set (for example \
+             --set train.max_steps=N, or --world N to reshard)"
+                .to_string(),
+        )
+        .into());
+    }
+    let ckpt = if resume == "latest" {
+        let root = run_dir.clone().unwrap_or_else(|| PathBuf::from("runs"));
+        run_dir::latest_checkpoint(&root)?
+    } else {
+        Checkpoint::resolve(std::path::Path::new(resume))?
+    };
+    let origin = ckpt
+        .dir
+        .join(checkpoint::meta::META_FILE)
+        .display()
+        .to_string();
+    let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, overrides)?;
+    if print_config {
+        print!("{}", cfg.to_yaml());
+        return Ok(());
+    }
+    if dry_run {
+        print!("{}", train::describe_plan(&cfg));
+        return Ok(());
+    }
+    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+    ckpt.check_layout(&layout)?;
+    if ckpt.meta.step >= cfg.train.max_steps {
+        return Err(UsageError(format!(
+            "{} is at step {}, train.max_steps is {}: nothing to do (raise it with --set train.max_steps=N)",
+            ckpt.dir.display(),
+            ckpt.meta.step,
+            cfg.train.max_steps
+        ))
+        .into());
+    }
+    let device = train::device::resolve(cfg.device)?;
+    let home = run_dir::run_dir_of(&ckpt.dir);
+    let dir = match run_dir {
+        Some(d) if home.as_deref() == Some(d.as_path()) || resume == "latest" => d,
+        Some(d) => {
+            let d = run_dir::prepare(Some(d), "resumed")?;
+            std::fs::write(d.join(CONFIG_FILE), cfg.to_yaml())?;
+            d
+        }
+        None => home.ok_or_else(|| {
+            UsageError(format!(
+                "{} is not inside a run directory: name one with --run-dir",
+                ckpt.dir.display()
+            ))
+        })?,
+    };
+    println!(
+        "resuming {} (step {}) in {}",
+        ckpt.dir.display(),
+        ckpt.meta.step,
+        dir.display()
+    );
+    let start = train::start_of(&cfg, Some(ckpt))?;
+    run_and_report(&device, &cfg, &dir, &start)
+}
+
+/// Trains and prints the end-of-run summary.
+fn run_and_report(
+    device: &train::device::Device,
+    cfg: &Config,
+    dir: &std::path::Path,
+    start: &train::Start,
+) -> Result<()> {
+    train::install_stop_signals()?;
+    let s = train::train_on(device, cfg, dir, start, &train::Faults::default())?;
+    if let Some(step) = s.stopped_at {
+        let ckpt = s
+            .checkpoint
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!("stopped after step {step}; checkpoint: {ckpt}");
+        println!("continue with: shardtrain train --resume {ckpt}");
+        return Ok(());
+    }
     let val = s
         .final_val_loss
         .map(|v| format!(", val_loss {v:.4}"))
@@ -209,6 +358,39 @@ fn train_command(args: TrainArgs) -> Result<()> {
         mib(m.total()),
         s.zero_formula.0,
         mib(s.zero_formula.1),
+    );
+    Ok(())
+}
+
+fn export_command(args: ExportArgs) -> Result<()> {
+    let (layout, units) = if args.source.join(train::WEIGHTS_FILE).is_file() {
+        let cfg = Config::load(Some(&args.source.join(CONFIG_FILE)), &[])?;
+        let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+        let units = train::weights::load(&args.source.join(train::WEIGHTS_FILE), &layout)?;
+        (layout, units)
+    } else {
+        let ckpt = Checkpoint::resolve(&args.source)?;
+        let origin = ckpt
+            .dir
+            .join(checkpoint::meta::META_FILE)
+            .display()
+            .to_string();
+        let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, &[])?;
+        let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+        ckpt.check_layout(&layout)?;
+        let mut reader = ckpt.reader();
+        let units = layout
+            .units
+            .iter()
+            .enumerate()
+            .map(|(u, spec)| Ok(reader.read(u, 0..spec.numel)?[0].clone()))
+            .collect::<Result<Vec<_>>>()?;
+        (layout, units)
+    };
+    checkpoint::hf::export_hf(&args.output, &layout, &units)?;
+    println!(
+        "wrote {} and config.json (Hugging Face GPT-2 layout)",
+        args.output.join("model.safetensors").display()
     );
     Ok(())
 }

@@ -74,6 +74,39 @@ fn utc_stamp(t: SystemTime) -> String {
     )
 }
 
+/// The run directory a checkpoint belongs to: `RUN/checkpoints/step-N` gives `RUN`.
+pub fn run_dir_of(checkpoint_dir: &Path) -> Option<PathBuf> {
+    let root = checkpoint_dir.parent()?;
+    (root.file_name()? == "checkpoints").then(|| root.parent().map(Path::to_path_buf))?
+}
+
+/// `--resume latest`: the most recently written checkpoint in the run directory `root`, or in any
+/// run directory under it (`runs/`).
+pub fn latest_checkpoint(root: &Path) -> Result<crate::checkpoint::Checkpoint> {
+    use crate::checkpoint::read::list_checkpoints;
+    let mut candidates: Vec<(SystemTime, PathBuf)> = Vec::new();
+    let mut roots = vec![root.join("checkpoints")];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        roots.extend(entries.flatten().map(|e| e.path().join("checkpoints")));
+    }
+    for r in roots {
+        for (_, dir) in list_checkpoints(&r)? {
+            let written = std::fs::metadata(dir.join(crate::checkpoint::meta::META_FILE))
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            candidates.push((written, dir));
+        }
+    }
+    let Some((_, newest)) = candidates.into_iter().max() else {
+        return Err(UsageError(format!(
+            "--resume latest: no checkpoint in {} or the run directories under it",
+            root.display()
+        ))
+        .into());
+    };
+    crate::checkpoint::Checkpoint::open(&newest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

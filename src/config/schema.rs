@@ -57,6 +57,10 @@ pub struct ModelConfig {
     pub seq_len: usize,
     /// Standard deviation of the normal initialisation of weight matrices.
     pub init_std: f32,
+    /// Start from these weights instead of a random initialisation: a Hugging Face GPT-2
+    /// `model.safetensors` (ours from `shardtrain export`, or a public GPT-2 checkpoint); empty
+    /// means random. The shapes must match the model's (a smaller vocabulary is padded).
+    pub init_from: String,
 }
 
 impl Default for ModelConfig {
@@ -69,6 +73,7 @@ impl Default for ModelConfig {
             block_size: 64,
             seq_len: 64,
             init_std: 0.02,
+            init_from: String::new(),
         }
     }
 }
@@ -275,11 +280,23 @@ impl Default for MixedPrecision {
 pub struct CheckpointConfig {
     /// Write the final weights to the run directory.
     pub save_final: bool,
+    /// Write a sharded checkpoint (master weights, AdamW moments, data position) every this many
+    /// steps, and at the last step; 0 turns periodic checkpoints off (a stop signal still writes one).
+    pub every_steps: u64,
+    /// Complete checkpoints kept; older ones are deleted once a newer one is complete.
+    pub keep_last: u64,
+    /// Where checkpoints go; empty means `checkpoints/` inside the run directory.
+    pub dir: String,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { save_final: true }
+        CheckpointConfig {
+            save_final: true,
+            every_steps: 0,
+            keep_last: 2,
+            dir: String::new(),
+        }
     }
 }
 

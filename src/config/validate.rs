@@ -46,6 +46,7 @@ pub(crate) fn problems(config: &Config) -> Vec<(String, String)> {
     data(config, &mut out);
     train(config, &mut out);
     parallel(config, &mut out);
+    checkpoint(config, &mut out);
     logging(config, &mut out);
     out.0
 }
@@ -189,6 +190,10 @@ fn parallel(config: &Config, out: &mut Problems) {
             ),
         );
     }
+}
+
+fn checkpoint(config: &Config, out: &mut Problems) {
+    out.at_least_one("checkpoint.keep_last", config.checkpoint.keep_last);
 }
 
 fn logging(config: &Config, out: &mut Problems) {

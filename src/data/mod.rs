@@ -55,4 +55,10 @@ pub trait DataSource: Send {
     fn next_batch(&mut self, batch: usize, seq: usize) -> Batch;
     /// Rewinds to the first batch (validation reads the same held-out tokens at every evaluation).
     fn rewind(&mut self);
+    /// Where the stream is, as data a checkpoint stores: restoring it continues with exactly the
+    /// batches that would have come next.
+    fn position(&self) -> serde_json::Value;
+    /// Moves the stream to a position from [`DataSource::position`] of the same source and
+    /// settings; an error names what does not fit.
+    fn seek(&mut self, position: &serde_json::Value) -> anyhow::Result<()>;
 }

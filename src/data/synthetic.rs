@@ -106,6 +106,55 @@ impl DataSource for ArithmeticCorpus {
         self.line.clear();
         self.pos = 0;
     }
+
+    fn position(&self) -> serde_json::Value {
+        // The generator's word position (a u128, kept as a string: JSON numbers are doubles) and
+        // the unread rest of the current problem.
+        serde_json::json!({
+            "kind": "synthetic",
+            "seed": self.seed,
+            "rng_word_pos": self.rng.get_word_pos().to_string(),
+            "line": String::from_utf8_lossy(&self.line),
+            "pos": self.pos,
+        })
+    }
+
+    fn seek(&mut self, position: &serde_json::Value) -> anyhow::Result<()> {
+        use anyhow::{anyhow, bail};
+        let field = |key: &str| {
+            position
+                .get(key)
+                .ok_or_else(|| anyhow!("data position: `{key}` is missing"))
+        };
+        if field("kind")?.as_str() != Some("synthetic") {
+            bail!("data position: not a position of the synthetic corpus");
+        }
+        if field("seed")?.as_u64() != Some(self.seed) {
+            bail!(
+                "data position: saved with seed {}, this run's train.seed is {}",
+                field("seed")?,
+                self.seed
+            );
+        }
+        let word_pos: u128 = field("rng_word_pos")?
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("data position: `rng_word_pos` is not a number"))?;
+        let line = field("line")?
+            .as_str()
+            .ok_or_else(|| anyhow!("data position: `line` is not text"))?
+            .as_bytes()
+            .to_vec();
+        let pos = field("pos")?
+            .as_u64()
+            .filter(|&p| p as usize <= line.len())
+            .ok_or_else(|| anyhow!("data position: `pos` is not inside `line`"))?;
+        self.rewind();
+        self.rng.set_word_pos(word_pos);
+        self.line = line;
+        self.pos = pos as usize;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +165,23 @@ mod tests {
     fn problems(split: Split, n: usize) -> Vec<String> {
         let mut c = ArithmeticCorpus::new(99, 0.2, 7, split);
         (0..n).map(|_| c.next_problem()).collect()
+    }
+
+    #[test]
+    fn a_stream_continues_exactly_from_its_saved_position() {
+        let mut a = ArithmeticCorpus::new(999, 0.1, 5, Split::Train);
+        a.next_batch(3, 17); // leaves a problem half read
+        let saved = a.position();
+        let expected = a.next_batch(4, 33);
+        let mut b = ArithmeticCorpus::new(999, 0.1, 5, Split::Train);
+        b.seek(&saved).unwrap();
+        assert_eq!(b.next_batch(4, 33), expected);
+        let mut other_seed = ArithmeticCorpus::new(999, 0.1, 6, Split::Train);
+        assert!(other_seed
+            .seek(&saved)
+            .unwrap_err()
+            .to_string()
+            .contains("seed"));
     }
 
     #[test]

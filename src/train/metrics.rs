@@ -30,9 +30,15 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path)
-            .with_context(|| format!("creating the metrics file {}", path.display()))?;
+    /// A new metrics file, or with `append` the existing one continued (a resumed run).
+    pub fn open(path: &Path, append: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("opening the metrics file {}", path.display()))?;
         Ok(MetricsWriter {
             path: path.to_owned(),
             out: BufWriter::new(file),

@@ -16,15 +16,17 @@ pub mod weights;
 pub use plan_report::{describe_plan, planned_memory};
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::OpTime;
+use crate::checkpoint::Checkpoint;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
 use crate::config::Config;
 use crate::model::init::init_tensor;
@@ -48,7 +50,14 @@ pub struct TrainSummary {
     pub world_size: usize,
     pub strategy: String,
     pub params: usize,
+    /// The first step this run took: 1, or the step after the checkpoint it resumed from.
+    pub first_step: u64,
+    /// Steps this run took.
     pub steps: u64,
+    /// The step after which a stop request ended the run early (a checkpoint was written).
+    pub stopped_at: Option<u64>,
+    /// The last checkpoint this run wrote.
+    pub checkpoint: Option<PathBuf>,
     pub tokens: u64,
     /// Time spent in training steps (evaluation excluded).
     pub train_seconds: f64,
@@ -77,6 +86,63 @@ pub struct TrainSummary {
 pub struct Faults {
     /// This rank returns an error at the start of this step (rank, step).
     pub fail_rank_at_step: Option<(usize, u64)>,
+    /// Rank 0 behaves as if a stop signal arrived during this step.
+    pub stop_at_step: Option<u64>,
+    /// This rank fails after writing its checkpoint file of this step, before the checkpoint is
+    /// committed (rank, step): a crash in the middle of a save.
+    pub fail_in_checkpoint_at_step: Option<(usize, u64)>,
+}
+
+/// Where a run's weights come from.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// The seeded random initialisation.
+    Scratch,
+    /// Full weights per unit (`model.init_from`), read once and shared by the ranks.
+    Weights(Arc<Vec<Vec<f32>>>),
+    /// Every piece of training state from a checkpoint (resume).
+    Resume(Arc<Checkpoint>),
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Whether a stop signal has arrived: the job finishes its step, checkpoints and ends.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// SIGINT and SIGTERM ask the job to stop after the current step (with a checkpoint); a second
+/// signal ends the process at once (exit 130), leaving the last complete checkpoint as it is.
+pub fn install_stop_signals() -> Result<()> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    // The handler may only set an AtomicBool; a watcher thread turns it into the job's flag
+    // and says what happens next.
+    let flag = flag.clone();
+    std::thread::spawn(move || loop {
+        if flag.load(Ordering::Relaxed) && !STOP.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "stop requested: finishing this step and writing a checkpoint (signal again to \
+                 quit at once)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    Ok(())
+}
+
+/// The directory checkpoints of a run go to.
+pub fn checkpoint_root(cfg: &Config, run_dir: &Path) -> PathBuf {
+    if cfg.checkpoint.dir.is_empty() {
+        run_dir.join("checkpoints")
+    } else {
+        PathBuf::from(&cfg.checkpoint.dir)
+    }
 }
 
 /// The model shape a config describes.
@@ -101,17 +167,35 @@ pub fn initial_weights(layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
 
 /// Runs the training job `cfg` (already validated), writing into the existing, empty `run_dir`.
 pub fn train(cfg: &Config, run_dir: &Path) -> Result<TrainSummary> {
+    let start = start_of(cfg, None)?;
     train_on(
         &device::resolve(cfg.device)?,
         cfg,
         run_dir,
+        &start,
         &Faults::default(),
     )
 }
 
 /// [`train`] with injected faults.
 pub fn train_with_faults(cfg: &Config, run_dir: &Path, faults: &Faults) -> Result<TrainSummary> {
-    train_on(&device::resolve(cfg.device)?, cfg, run_dir, faults)
+    let start = start_of(cfg, None)?;
+    train_on(&device::resolve(cfg.device)?, cfg, run_dir, &start, faults)
+}
+
+/// Where `cfg`'s weights come from: the checkpoint to resume, else `model.init_from`, else the
+/// random initialisation. Reading `init_from` happens here, once, before any rank starts.
+pub fn start_of(cfg: &Config, resume: Option<Checkpoint>) -> Result<Start> {
+    if let Some(ckpt) = resume {
+        return Ok(Start::Resume(Arc::new(ckpt)));
+    }
+    if cfg.model.init_from.is_empty() {
+        return Ok(Start::Scratch);
+    }
+    let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
+    let weights = crate::checkpoint::hf::import_hf(Path::new(&cfg.model.init_from), &layout)
+        .with_context(|| format!("model.init_from: {}", cfg.model.init_from))?;
+    Ok(Start::Weights(Arc::new(weights)))
 }
 
 /// [`train`] on a device already resolved (so a missing GPU fails before a run directory is made).
@@ -119,6 +203,7 @@ pub fn train_on(
     device: &Device,
     cfg: &Config,
     run_dir: &Path,
+    start: &Start,
     faults: &Faults,
 ) -> Result<TrainSummary> {
     let plan = ShardPlan::new(&cfg.parallel);
@@ -141,6 +226,7 @@ pub fn train_on(
                 run_dir,
                 plan.clone(),
                 comms,
+                start,
             )?
             .run(faults),
             Device::Cuda(gpu) => RankTrainer::new(
@@ -150,6 +236,7 @@ pub fn train_on(
                 run_dir,
                 plan.clone(),
                 comms,
+                start,
             )?
             .run(faults),
         }

@@ -80,6 +80,35 @@ impl<B: Backend> AdamW<B> {
         Ok(())
     }
 
+    /// Steps taken so far (bias correction continues from here).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The first and second moments, one shard per unit.
+    pub fn moments(&self) -> (&[B::Buf], &[B::Buf]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores the state of `unit` from a checkpoint: master weights (and the compute parameter
+    /// shard, rounded to its dtype) and both moments.
+    pub fn restore_unit(
+        &self,
+        be: &B,
+        unit: usize,
+        state: &[Vec<f32>; 3],
+        params: &[B::Buf],
+    ) -> Result<()> {
+        self.set_master(be, unit, &state[0], params)?;
+        be.upload(&self.m[unit], &state[1])?;
+        be.upload(&self.v[unit], &state[2])
+    }
+
+    /// Sets the step count of a resumed run.
+    pub fn set_steps(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
     /// One AdamW step with learning rate `lr` from the accumulated gradient shards, each gradient
     /// multiplied by `grad_scale` (clipping); updates `params`.
     pub fn step(

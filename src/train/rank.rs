@@ -12,8 +12,15 @@ use super::optimizer::{AdamW, AdamWConfig};
 use super::plan_report::planned_memory;
 use super::progress::Progress;
 use super::schedule::LrSchedule;
-use super::{gpt_shape, initial_weights, weights, Faults, TrainSummary, WEIGHTS_FILE};
+use super::{
+    checkpoint_root, gpt_shape, initial_weights, stop_requested, weights, Faults, Start,
+    TrainSummary, WEIGHTS_FILE,
+};
 use crate::backend::{Backend, Buffer, DType};
+use crate::checkpoint::meta::UnitMeta;
+use crate::checkpoint::meta::{Piece, FORMAT};
+use crate::checkpoint::write::{commit, prepare_staging, staging_dir, write_rank_file, RankState};
+use crate::checkpoint::CheckpointMeta;
 use crate::comm::local::LocalComm;
 use crate::comm::{Communicator, ReduceOp};
 use crate::config::Config;
@@ -37,6 +44,8 @@ pub(super) struct RankTrainer<'a, B: Backend> {
     model: Gpt<B>,
     units: ShardedUnits<B, LocalComm>,
     opt: AdamW<B>,
+    /// The first step this run takes (after the checkpoint it resumed from, or 1).
+    start_step: u64,
     train_data: ArithmeticCorpus,
     val_data: ArithmeticCorpus,
 }
@@ -49,6 +58,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         run_dir: &'a Path,
         plan: ShardPlan,
         comms: RankComms<LocalComm>,
+        start: &Start,
     ) -> Result<Self> {
         let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
         let dtype = plan.param_dtype;
@@ -58,7 +68,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         let segments = (0..layout.units.len())
             .map(|u| shards.segments(&layout, u, group_rank))
             .collect();
-        let opt = AdamW::new(
+        let mut opt = AdamW::new(
             &be,
             &units.param_shards,
             segments,
@@ -70,17 +80,46 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
                 grad_clip: cfg.train.grad_clip,
             },
         )?;
-        // Every rank draws the same full initial weights and keeps its own range: identical
-        // weights whatever the world size.
-        for (u, full) in initial_weights(&layout, cfg.train.seed).iter().enumerate() {
-            let mine = shards.shard_of(u, group_rank, full);
-            opt.set_master(&be, u, &mine, &units.param_shards)?;
+        let mut train_data = data_source(cfg, Split::Train);
+        let mut start_step = 1;
+        match start {
+            Start::Resume(ckpt) => {
+                // Each rank reads only its own ranges, from whichever files hold them.
+                ckpt.check_layout(&layout)?;
+                let mut reader = ckpt.reader();
+                for u in 0..layout.units.len() {
+                    let state = reader.read(u, shards.range(u, group_rank))?;
+                    opt.restore_unit(&be, u, &state, &units.param_shards)?;
+                }
+                opt.set_steps(ckpt.meta.optimizer_steps);
+                train_data
+                    .seek(&ckpt.meta.data_position)
+                    .with_context(|| format!("resuming from {}", ckpt.dir.display()))?;
+                start_step = ckpt.meta.step + 1;
+            }
+            Start::Scratch | Start::Weights(_) => {
+                // Every rank draws (or reads) the same full weights and keeps its own range:
+                // identical weights whatever the world size.
+                let drawn;
+                let full = match start {
+                    Start::Weights(w) => w.as_slice(),
+                    _ => {
+                        drawn = initial_weights(&layout, cfg.train.seed);
+                        drawn.as_slice()
+                    }
+                };
+                for (u, values) in full.iter().enumerate() {
+                    let mine = shards.shard_of(u, group_rank, values);
+                    opt.set_master(&be, u, &mine, &units.param_shards)?;
+                }
+            }
         }
         Ok(RankTrainer {
             model: Gpt::new(layout, dtype),
             units,
             opt,
-            train_data: data_source(cfg, Split::Train),
+            start_step,
+            train_data,
             val_data: data_source(cfg, Split::Val),
             be,
             rank,
@@ -166,6 +205,98 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         Ok(totals[0] / totals[1])
     }
 
+    /// Writes the checkpoint of `step` with every rank (see `checkpoint::write` for the protocol);
+    /// returns its directory.
+    fn save_checkpoint(&self, step: u64, faults: &Faults) -> Result<std::path::PathBuf> {
+        let cfg = self.cfg;
+        let plan = self.units.plan();
+        let world = &self.units.comms().world;
+        let root = checkpoint_root(cfg, self.run_dir);
+        if self.rank == 0 {
+            prepare_staging(&root, step)?;
+        }
+        world.barrier()?;
+        // One copy of each shard: the first rank of each replica group writes it.
+        let writes = |rank: usize| plan.replica_group(rank).first() == Some(&rank);
+        if writes(self.rank) {
+            let shards = self.units.shard_layout();
+            let master = self.opt.master(&self.units.param_shards);
+            let (m, v) = self.opt.moments();
+            let mut pieces = Vec::new();
+            for (u, unit) in shards.units.iter().enumerate() {
+                let range = shards.range(u, self.units.group_rank());
+                let end = range.end.min(unit.numel);
+                if range.start >= end {
+                    continue;
+                }
+                let len = end - range.start;
+                let read = |buf: &B::Buf| -> Result<Vec<f32>> {
+                    self.be.download(&self.be.slice(buf, 0, len)?)
+                };
+                pieces.push((
+                    Piece {
+                        unit: u,
+                        start: range.start,
+                        end,
+                    },
+                    [read(&master[u])?, read(&m[u])?, read(&v[u])?],
+                ));
+            }
+            let state = RankState {
+                rank: self.rank,
+                pieces,
+            };
+            write_rank_file(&staging_dir(&root, step), &state)?;
+        }
+        if faults.fail_in_checkpoint_at_step == Some((self.rank, step)) {
+            bail!("injected failure while writing the checkpoint of step {step}");
+        }
+        world.barrier()?;
+        let dir = root.join(crate::checkpoint::meta::step_dir_name(step));
+        if self.rank == 0 {
+            let t = &cfg.train;
+            let meta = CheckpointMeta {
+                format: FORMAT.to_string(),
+                commit: env!("SHARDTRAIN_COMMIT").to_string(),
+                step,
+                tokens_seen: step * (t.global_batch_size * cfg.model.seq_len) as u64,
+                optimizer_steps: self.opt.steps(),
+                config_yaml: cfg.to_yaml(),
+                world_size: self.world_size(),
+                strategy: serde_json::to_value(plan.strategy)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                shard_group_size: plan.group_size,
+                param_dtype: plan.param_dtype.to_string(),
+                reduce_dtype: plan.reduce_dtype.to_string(),
+                units: self
+                    .model
+                    .layout
+                    .units
+                    .iter()
+                    .map(|u| UnitMeta {
+                        name: u.name.clone(),
+                        numel: u.numel,
+                    })
+                    .collect(),
+                data_position: self.train_data.position(),
+                files: Vec::new(),
+            };
+            let writers: Vec<usize> = (0..self.world_size()).filter(|&r| writes(r)).collect();
+            commit(
+                &root,
+                step,
+                meta,
+                &writers,
+                cfg.checkpoint.keep_last as usize,
+            )?;
+        }
+        // Nobody goes on (or reports the path) before the checkpoint is visible.
+        world.barrier()?;
+        Ok(dir)
+    }
+
     fn memory_use(&self) -> MemoryUse {
         let size = |bufs: &[B::Buf]| {
             bufs.iter()
@@ -209,8 +340,9 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         };
         let lead = self.rank == 0;
         let mut metrics = if lead {
-            Some(MetricsWriter::create(
+            Some(MetricsWriter::open(
                 &self.run_dir.join(&cfg.logging.metrics_file),
+                self.start_step > 1,
             )?)
         } else {
             None
@@ -248,7 +380,18 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         let started = Instant::now();
         let mut losses = Vec::with_capacity(t.max_steps as usize);
         let mut last_val = None;
-        for step in 1..=t.max_steps {
+        let mut last_checkpoint = None;
+        let mut stopped_at = None;
+        let first_step = self.start_step;
+        if lead && first_step > 1 {
+            if let Some(p) = &progress {
+                p.message(&format!(
+                    "resuming after step {} (world {world} now)",
+                    first_step - 1
+                ));
+            }
+        }
+        for step in first_step..=t.max_steps {
             if faults.fail_rank_at_step == Some((self.rank, step)) {
                 bail!("injected failure at step {step}");
             }
@@ -264,7 +407,12 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
                 let batch = self.my_rows(&global);
                 local_loss += self.forward_backward(&batch, Some(grad_scale), k + 1 == accum)?;
             }
-            let loss = self.sum_over_ranks(&[local_loss])?[0] / (accum * world) as f32;
+            // A stop request (a signal, seen by any rank) rides on the loss reduction, so every
+            // rank agrees on the step after which the job stops.
+            let stop_here = (lead && faults.stop_at_step == Some(step)) || stop_requested();
+            let totals = self.sum_over_ranks(&[local_loss, f32::from(u8::from(stop_here))])?;
+            let loss = totals[0] / (accum * world) as f32;
+            let stop = totals[1] > 0.0;
             if !loss.is_finite() {
                 bail!("the training loss became {loss} at step {step}; try a lower train.lr");
             }
@@ -308,6 +456,19 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
             if let Some(p) = &progress {
                 p.step(&record);
             }
+            let every = cfg.checkpoint.every_steps;
+            let periodic = every > 0 && (step.is_multiple_of(every) || step == t.max_steps);
+            if stop || periodic {
+                let dir = self.save_checkpoint(step, faults)?;
+                if let Some(p) = &progress {
+                    p.message(&format!("checkpoint of step {step}: {}", dir.display()));
+                }
+                last_checkpoint = Some(dir);
+            }
+            if stop {
+                stopped_at = Some(step);
+                break;
+            }
         }
         if let Some(p) = &progress {
             p.finish();
@@ -316,7 +477,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         self.be.set_op_timing(false);
 
         // Every rank takes part in gathering the final weights; rank 0 writes them.
-        let weights = if cfg.checkpoint.save_final {
+        let weights = if cfg.checkpoint.save_final && stopped_at.is_none() {
             let master = self.opt.master(&self.units.param_shards);
             let full = self.units.gather_full(&self.be, master)?;
             let path = self.run_dir.join(WEIGHTS_FILE);
@@ -339,10 +500,13 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
                 .unwrap_or("?")
                 .to_string(),
             params: numel,
-            steps: t.max_steps,
-            tokens: tokens_per_step * t.max_steps,
+            first_step,
+            steps: losses.len() as u64,
+            stopped_at,
+            checkpoint: last_checkpoint,
+            tokens: tokens_per_step * losses.len() as u64,
             train_seconds,
-            tokens_per_s: (tokens_per_step * t.max_steps) as f64 / train_seconds,
+            tokens_per_s: (tokens_per_step * losses.len() as u64) as f64 / train_seconds,
             median_step_seconds: median_step(&step_times, profile_from),
             first_loss: losses.first().copied().unwrap_or(f32::NAN),
             final_loss: losses.last().copied().unwrap_or(f32::NAN),

@@ -1,0 +1,273 @@
+//! Reading checkpoints: finding the newest complete one, checking that it fits the model, and
+//! reading any range of any unit's state from the rank files that hold it (resharding: a reader's
+//! range may span several files written by another world size). A rank reads only the files that
+//! overlap its own ranges, each verified against its size and CRC-32 before use.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+use super::meta::{tensor_names, CheckpointMeta, FORMAT, META_FILE};
+use crate::model::ParamLayout;
+
+/// A finished checkpoint: its directory and metadata.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub meta: CheckpointMeta,
+}
+
+/// Finished checkpoints under `root` (directories `step-N` holding `meta.json`), oldest first.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", root.display())),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(META_FILE).is_file() {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint at `path`: a checkpoint directory, a directory of checkpoints (the
+    /// newest is taken) or a run directory (its `checkpoints/`).
+    pub fn resolve(path: &Path) -> Result<Checkpoint> {
+        if path.join(META_FILE).is_file() {
+            return Checkpoint::open(path);
+        }
+        if !path.is_dir() {
+            bail!("{}: no such checkpoint or run directory", path.display());
+        }
+        for root in [path.to_path_buf(), path.join("checkpoints")] {
+            if let Some((_, dir)) = list_checkpoints(&root)?.pop() {
+                return Checkpoint::open(&dir);
+            }
+        }
+        bail!(
+            "{}: holds no finished checkpoint (a checkpoint is a step-N directory with {META_FILE}; \
+             .partial-* directories are unfinished saves)",
+            path.display()
+        )
+    }
+
+    /// Opens the checkpoint directory `dir`, checking its metadata and that its files are there
+    /// and together hold every element of every unit.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let meta_path = dir.join(META_FILE);
+        let text = std::fs::read_to_string(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?;
+        let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a shardtrain checkpoint's metadata",
+                meta_path.display()
+            )
+        })?;
+        if meta.format != FORMAT {
+            bail!(
+                "{}: format `{}`, this shardtrain reads `{FORMAT}`",
+                meta_path.display(),
+                meta.format
+            );
+        }
+        for f in &meta.files {
+            let path = dir.join(&f.file);
+            let len = std::fs::metadata(&path)
+                .with_context(|| format!("rank {}'s file {} is missing", f.rank, path.display()))?
+                .len();
+            if len != f.bytes {
+                bail!(
+                    "{}: {len} bytes, the checkpoint recorded {} (truncated or replaced)",
+                    path.display(),
+                    f.bytes
+                );
+            }
+        }
+        let ckpt = Checkpoint {
+            dir: dir.to_path_buf(),
+            meta,
+        };
+        ckpt.check_coverage()?;
+        Ok(ckpt)
+    }
+
+    /// Every unit's `0..numel` is covered by the pieces of the files.
+    fn check_coverage(&self) -> Result<()> {
+        for (u, unit) in self.meta.units.iter().enumerate() {
+            let mut ranges: Vec<Range<usize>> = self
+                .meta
+                .files
+                .iter()
+                .flat_map(|f| f.pieces.iter().filter(|p| p.unit == u).map(|p| p.range()))
+                .collect();
+            ranges.sort_by_key(|r| r.start);
+            let mut covered = 0;
+            for r in ranges {
+                if r.start > covered {
+                    break;
+                }
+                covered = covered.max(r.end);
+            }
+            if covered < unit.numel {
+                bail!(
+                    "{}: unit `{}` has no data from element {covered} of {} (a rank's file is \
+                     missing from the metadata)",
+                    self.dir.display(),
+                    unit.name,
+                    unit.numel
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails unless the checkpoint was written for a model with `layout`'s units.
+    pub fn check_layout(&self, layout: &ParamLayout) -> Result<()> {
+        let saved = &self.meta.units;
+        if saved.len() != layout.units.len() {
+            bail!(
+                "{}: a model of {} units, this config's model has {} (model.n_layer differs?)",
+                self.dir.display(),
+                saved.len(),
+                layout.units.len()
+            );
+        }
+        for (s, u) in saved.iter().zip(&layout.units) {
+            if s.name != u.name || s.numel != u.numel {
+                bail!(
+                    "{}: unit `{}` has {} parameters, this config's `{}` has {} (the model shape \
+                     differs: compare model.* with the checkpoint's config)",
+                    self.dir.display(),
+                    s.name,
+                    s.numel,
+                    u.name,
+                    u.numel
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A reader of this checkpoint's state.
+    pub fn reader(&self) -> ShardReader<'_> {
+        ShardReader {
+            ckpt: self,
+            files: HashMap::new(),
+        }
+    }
+
+    /// Reads and verifies every file (checksums), for `ckpt inspect`.
+    pub fn verify_all(&self) -> Result<()> {
+        let mut r = self.reader();
+        for i in 0..self.meta.files.len() {
+            r.file(i)?;
+            r.files.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Reads ranges of unit state from a checkpoint, loading each rank file at most once.
+pub struct ShardReader<'a> {
+    ckpt: &'a Checkpoint,
+    files: HashMap<usize, Vec<u8>>,
+}
+
+impl ShardReader<'_> {
+    /// File `i`'s bytes, read and checked against its recorded size and CRC-32.
+    fn file(&mut self, i: usize) -> Result<&[u8]> {
+        if !self.files.contains_key(&i) {
+            let f = &self.ckpt.meta.files[i];
+            let path = self.ckpt.dir.join(&f.file);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
+                bail!(
+                    "{}: checksum mismatch (the file is corrupted or not the one this checkpoint \
+                     wrote)",
+                    path.display()
+                );
+            }
+            self.files.insert(i, bytes);
+        }
+        Ok(&self.files[&i])
+    }
+
+    /// Master weights, first and second moments of elements `range` of `unit`'s flat buffer
+    /// (padded coordinates: elements at or past the unit's size read as zero).
+    pub fn read(&mut self, unit: usize, range: Range<usize>) -> Result<[Vec<f32>; 3]> {
+        let mut out = [
+            vec![0.0f32; range.len()],
+            vec![0.0f32; range.len()],
+            vec![0.0f32; range.len()],
+        ];
+        let holders: Vec<(usize, Range<usize>)> = self
+            .ckpt
+            .meta
+            .files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| {
+                f.pieces
+                    .iter()
+                    .filter(|p| p.unit == unit)
+                    .map(move |p| (i, p.range()))
+            })
+            .filter(|(_, r)| r.start < range.end && range.start < r.end)
+            .collect();
+        let dir = self.ckpt.dir.clone();
+        for (i, piece) in holders {
+            let name = self.ckpt.meta.files[i].file.clone();
+            let bytes = self.file(i)?;
+            let st = SafeTensors::deserialize(bytes).map_err(|e| {
+                anyhow!(
+                    "{}: not a valid safetensors file: {e}",
+                    dir.join(&name).display()
+                )
+            })?;
+            let (lo, hi) = (piece.start.max(range.start), piece.end.min(range.end));
+            for (k, tensor) in tensor_names(unit).iter().enumerate() {
+                let view = st.tensor(tensor).map_err(|_| {
+                    anyhow!(
+                        "{}: tensor `{tensor}` is missing",
+                        dir.join(&name).display()
+                    )
+                })?;
+                if view.dtype() != Dtype::F32 || view.shape() != [piece.len()] {
+                    bail!(
+                        "{}: tensor `{tensor}` is {:?} {:?}, the metadata says F32 [{}]",
+                        dir.join(&name).display(),
+                        view.dtype(),
+                        view.shape(),
+                        piece.len()
+                    );
+                }
+                let data = view.data();
+                for (j, o) in out[k][lo - range.start..hi - range.start]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    let at = (lo - piece.start + j) * 4;
+                    *o = f32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]);
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,164 @@
+//! Writing a checkpoint so that it appears complete or not at all.
+//!
+//! The protocol, for every rank of the job: rank 0 [`prepare_staging`] (an empty `.partial-step-N`
+//! directory beside the finished checkpoints), barrier; every rank holding a distinct shard
+//! [`write_rank_file`]s its safetensors file and a small JSON sidecar (size, CRC-32, pieces), each
+//! fsynced; barrier; rank 0 [`commit`]s: it folds the sidecars into `meta.json`, fsyncs it, renames
+//! the staging directory to `step-N` and fsyncs the parent, then prunes old checkpoints. A crash
+//! at any point before the rename leaves only a staging directory, which no reader considers; the
+//! previous checkpoint is untouched.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::meta::{
+    rank_file_name, step_dir_name, tensor_names, CheckpointMeta, FileMeta, Piece, META_FILE,
+};
+use super::read::list_checkpoints;
+
+/// One rank's share of the training state: per piece, master weights and the two moments.
+pub struct RankState {
+    pub rank: usize,
+    pub pieces: Vec<(Piece, [Vec<f32>; 3])>,
+}
+
+/// The staging directory of the checkpoint for `step` under `root`.
+pub fn staging_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!(".partial-{}", step_dir_name(step)))
+}
+
+/// Rank 0, before the first barrier: an empty staging directory (the leftovers of an interrupted
+/// save of the same step are removed; finished checkpoints are never touched). Fails if the
+/// checkpoint for `step` already exists.
+pub fn prepare_staging(root: &Path, step: u64) -> Result<PathBuf> {
+    let done = root.join(step_dir_name(step));
+    if done.exists() {
+        bail!(
+            "a checkpoint for step {step} already exists at {}; it is left as it is (resume from \
+             it, or write checkpoints elsewhere with checkpoint.dir)",
+            done.display()
+        );
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let staging = staging_dir(root, step);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the unfinished {}", staging.display()))?;
+    }
+    std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    Ok(staging)
+}
+
+/// Writes `bytes` to `path` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+fn sidecar_name(rank: usize) -> String {
+    format!("rank-{rank:05}.json")
+}
+
+/// Every rank that holds a distinct shard: its safetensors file and its sidecar, both fsynced.
+pub fn write_rank_file(staging: &Path, state: &RankState) -> Result<()> {
+    let mut data: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (piece, values) in &state.pieces {
+        let len = piece.end - piece.start;
+        for (name, v) in tensor_names(piece.unit).into_iter().zip(values) {
+            if v.len() != len {
+                bail!(
+                    "checkpoint: {name} has {} values for a piece of {len}",
+                    v.len()
+                );
+            }
+            data.push((name, bytemuck::cast_slice(v).to_vec(), len));
+        }
+    }
+    let views = data
+        .iter()
+        .map(|(name, bytes, len)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, vec![*len], bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([
+        ("format".to_string(), super::meta::FORMAT.to_string()),
+        ("rank".to_string(), state.rank.to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, Some(metadata))?;
+    let file = rank_file_name(state.rank);
+    write_synced(&staging.join(&file), &bytes)?;
+    let sidecar = FileMeta {
+        file,
+        rank: state.rank,
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        pieces: state.pieces.iter().map(|(p, _)| p.clone()).collect(),
+    };
+    write_synced(
+        &staging.join(sidecar_name(state.rank)),
+        serde_json::to_string(&sidecar)?.as_bytes(),
+    )
+}
+
+/// Rank 0, after every rank has written: `meta.json` from `meta` (its `files` filled in from the
+/// sidecars of `writers`), then the rename that makes the checkpoint visible, then pruning to the
+/// newest `keep_last`. Returns the checkpoint's directory.
+pub fn commit(
+    root: &Path,
+    step: u64,
+    mut meta: CheckpointMeta,
+    writers: &[usize],
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let staging = staging_dir(root, step);
+    meta.files.clear();
+    for &rank in writers {
+        let path = staging.join(sidecar_name(rank));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("rank {rank} did not finish its part ({})", path.display()))?;
+        meta.files
+            .push(serde_json::from_str(&text).with_context(|| path.display().to_string())?);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    write_synced(
+        &staging.join(META_FILE),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
+    sync_dir(&staging)?;
+    let done = root.join(step_dir_name(step));
+    std::fs::rename(&staging, &done)
+        .with_context(|| format!("renaming {} to {}", staging.display(), done.display()))?;
+    sync_dir(root)?;
+    prune(root, keep_last)?;
+    Ok(done)
+}
+
+/// Deletes all but the newest `keep_last` finished checkpoints under `root`.
+fn prune(root: &Path, keep_last: usize) -> Result<()> {
+    let all = list_checkpoints(root)?;
+    let excess = all.len().saturating_sub(keep_last.max(1));
+    for (_, dir) in all.into_iter().take(excess) {
+        // Strip the metadata first: a deletion interrupted half way leaves a directory no reader
+        // takes for a checkpoint.
+        std::fs::remove_file(dir.join(META_FILE))
+            .and_then(|()| std::fs::remove_dir_all(&dir))
+            .with_context(|| format!("deleting the old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use shardtrain::config::{Config, ShardStrategy};
+
+/// A small job: 24 sequences of 16 tokens per step, divisible into micro-batches of 2 for every
+/// world size 1..4.
+pub fn small_config(world: usize, strategy: ShardStrategy, steps: u64) -> Config {
+    let mut c = Config::default();
+    c.model.n_layer = 2;
+    c.model.n_head = 2;
+    c.model.d_model = 16;
+    c.model.block_size = 16;
+    c.model.seq_len = 16;
+    c.train.micro_batch_size = 2;
+    c.train.global_batch_size = 24;
+    c.train.max_steps = steps;
+    c.train.warmup_steps = steps.min(2);
+    c.train.eval_every = 0;
+    c.parallel.world_size = world;
+    c.parallel.strategy = strategy;
+    c.parallel.shard_group_size =
+        if strategy == ShardStrategy::HybridShard && world.is_multiple_of(2) {
+            2
+        } else {
+            1
+        };
+    c.parallel.collective_timeout_s = 20.0;
+    c.logging.progress = shardtrain::config::ProgressMode::Plain;
+    c.logging.every_steps = 1000;
+    c.validate().expect("the test config is valid");
+    c
+}
+
+pub const STRATEGIES: [ShardStrategy; 4] = [
+    ShardStrategy::FullShard,
+    ShardStrategy::ShardGradOp,
+    ShardStrategy::NoShard,
+    ShardStrategy::HybridShard,
+];
