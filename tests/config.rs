@@ -32,15 +32,25 @@ fn error_of(text: &str, overrides: &[&str]) -> String {
 }
 
 /// configs/tiny.yaml with the line `leaf: ...` replaced by `leaf: value`, and that line's number.
+/// `leaf` may be `section.leaf` where the leaf name occurs in several sections.
 fn tiny_with(leaf: &str, value: &str) -> (String, usize) {
     let text = tiny_text();
+    let (section, leaf) = match leaf.split_once('.') {
+        Some((s, l)) => (Some(s), l),
+        None => (None, leaf),
+    };
     let mut found = None;
+    let mut current = "";
     let lines: Vec<String> = text
         .lines()
         .enumerate()
         .map(|(i, line)| {
             let body = line.trim_start();
-            if body.starts_with(&format!("{leaf}:")) {
+            if body.len() == line.len() && body.ends_with(':') {
+                current = body.trim_end_matches(':');
+            }
+            let in_section = section.is_none_or(|s| s == current);
+            if in_section && body.starts_with(&format!("{leaf}:")) {
                 assert!(found.is_none(), "{leaf} appears twice in tiny.yaml");
                 found = Some(i + 1);
                 let indent = &line[..line.len() - body.len()];
@@ -547,7 +557,13 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "strictly between 0 and 1",
     ),
     (
-        "every_steps",
+        "keep_last",
+        "0",
+        "checkpoint.keep_last",
+        "must be at least 1",
+    ),
+    (
+        "logging.every_steps",
         "0",
         "logging.every_steps",
         "must be at least 1",

@@ -145,6 +145,7 @@ type Buf = CpuBuf<f32>;
 impl Backend for Faulty {
     type Buf = Buf;
     type Ids = CpuIds;
+    type Event = ();
 
     fn name(&self) -> String {
         format!("faulty {}", self.inner.name())
@@ -172,6 +173,18 @@ impl Backend for Faulty {
 
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
+    }
+
+    fn record_event(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_event(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn comm_lane(&self) -> &Self {
+        self
     }
 
     fn fill(&self, dst: &Buf, value: f32) -> Result<()> {

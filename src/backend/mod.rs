@@ -127,6 +127,9 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Buffer;
     /// Token ids on the device (u32).
     type Ids: Send + Sync + Debug;
+    /// A point in this backend's queue of work (a CUDA event), used to order work between
+    /// queues without blocking the host: see [`Backend::record_event`].
+    type Event: Clone + Send + Sync + Debug;
 
     /// Human-readable device name, for logs and summaries.
     fn name(&self) -> String;
@@ -145,6 +148,21 @@ pub trait Backend: Send + Sync + 'static {
     fn upload_ids(&self, ids: &[u32]) -> Result<Self::Ids>;
     /// Waits until every op issued so far has finished.
     fn synchronize(&self) -> Result<()>;
+
+    // ---- ordering between queues (communication overlap) --------------------------------------
+
+    /// Marks the work issued so far on this backend; another backend of the same device can wait
+    /// for it with [`Backend::wait_event`]. (On the CPU every op has finished when it returns, so
+    /// events are empty.)
+    fn record_event(&self) -> Result<Self::Event>;
+    /// Work issued on this backend from now on starts only after `event`'s work has finished; the
+    /// host does not wait.
+    fn wait_event(&self, event: &Self::Event) -> Result<()>;
+    /// The backend collectives issue their copies and reductions on: on a GPU, a second stream of
+    /// the same device and rank, so communication runs beside compute; on the CPU, itself.
+    /// Buffers a collective writes are allocated on the compute backend before it starts; the lane
+    /// allocates nothing that outlives the collective.
+    fn comm_lane(&self) -> &Self;
 
     // ---- instrumentation (optional) -----------------------------------------------------------
 

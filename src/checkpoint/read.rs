@@ -12,6 +12,7 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use super::meta::{tensor_names, CheckpointMeta, FORMAT, META_FILE};
+use crate::error::UsageError;
 use crate::model::ParamLayout;
 
 /// A finished checkpoint: its directory and metadata.
@@ -53,18 +54,23 @@ impl Checkpoint {
             return Checkpoint::open(path);
         }
         if !path.is_dir() {
-            bail!("{}: no such checkpoint or run directory", path.display());
+            return Err(UsageError(format!(
+                "{}: no such checkpoint or run directory",
+                path.display()
+            ))
+            .into());
         }
         for root in [path.to_path_buf(), path.join("checkpoints")] {
             if let Some((_, dir)) = list_checkpoints(&root)?.pop() {
                 return Checkpoint::open(&dir);
             }
         }
-        bail!(
+        Err(UsageError(format!(
             "{}: holds no finished checkpoint (a checkpoint is a step-N directory with {META_FILE}; \
              .partial-* directories are unfinished saves)",
             path.display()
-        )
+        ))
+        .into())
     }
 
     /// Opens the checkpoint directory `dir`, checking its metadata and that its files are there
@@ -137,20 +143,29 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Fails unless the checkpoint was written for a model with `layout`'s units.
+    /// Fails unless the checkpoint was written for a model with `layout`'s units (a
+    /// [`UsageError`]: the config or the path is to fix).
     pub fn check_layout(&self, layout: &ParamLayout) -> Result<()> {
+        self.layout_mismatch(layout)
+            .map_or(Ok(()), |msg| Err(UsageError(msg).into()))
+    }
+
+    fn layout_mismatch(&self, layout: &ParamLayout) -> Option<String> {
         let saved = &self.meta.units;
         if saved.len() != layout.units.len() {
-            bail!(
+            return Some(format!(
                 "{}: a model of {} units, this config's model has {} (model.n_layer differs?)",
                 self.dir.display(),
                 saved.len(),
                 layout.units.len()
-            );
+            ));
         }
-        for (s, u) in saved.iter().zip(&layout.units) {
-            if s.name != u.name || s.numel != u.numel {
-                bail!(
+        saved
+            .iter()
+            .zip(&layout.units)
+            .find(|(s, u)| s.name != u.name || s.numel != u.numel)
+            .map(|(s, u)| {
+                format!(
                     "{}: unit `{}` has {} parameters, this config's `{}` has {} (the model shape \
                      differs: compare model.* with the checkpoint's config)",
                     self.dir.display(),
@@ -158,10 +173,8 @@ impl Checkpoint {
                     s.numel,
                     u.name,
                     u.numel
-                );
-            }
-        }
-        Ok(())
+                )
+            })
     }
 
     /// A reader of this checkpoint's state.

@@ -7,7 +7,7 @@ mod run_dir;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::CpuBackend;
@@ -278,20 +278,36 @@ fn resume_command(
     }
     let device = train::device::resolve(cfg.device)?;
     let home = run_dir::run_dir_of(&ckpt.dir);
+    // `latest` searches --run-dir (a run, or a directory of runs): the run it finds continues.
+    let run_dir = if resume == "latest" { None } else { run_dir };
+    let same_dir = |a: &std::path::Path, b: &std::path::Path| {
+        std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
+    };
     let dir = match run_dir {
-        Some(d) if home.as_deref() == Some(d.as_path()) || resume == "latest" => d,
+        Some(d) if home.as_deref().is_some_and(|h| same_dir(h, &d)) => d,
         Some(d) => {
             let d = run_dir::prepare(Some(d), "resumed")?;
             std::fs::write(d.join(CONFIG_FILE), cfg.to_yaml())?;
             d
         }
-        None => home.ok_or_else(|| {
+        None => home.clone().ok_or_else(|| {
             UsageError(format!(
                 "{} is not inside a run directory: name one with --run-dir",
                 ckpt.dir.display()
             ))
         })?,
     };
+    if home.as_deref().is_some_and(|h| same_dir(h, &dir)) {
+        // Every file is checked before anything in the run directory changes.
+        ckpt.verify_all()?;
+        set_aside_final_weights(&dir, ckpt.meta.step)?;
+        // The original config.yaml stays; the config this part runs with goes beside it.
+        let resumed = dir.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
+        std::fs::write(&resumed, cfg.to_yaml())
+            .with_context(|| format!("writing {}", resumed.display()))?;
+    }
     println!(
         "resuming {} (step {}) in {}",
         ckpt.dir.display(),
@@ -300,6 +316,32 @@ fn resume_command(
     );
     let start = train::start_of(&cfg, Some(ckpt))?;
     run_and_report(&device, &cfg, &dir, &start)
+}
+
+/// A run continued in place no longer ends with the weights it ended with before: its earlier
+/// `model.safetensors` is renamed (never deleted), so that `export` and `sample` do not take it
+/// for the run's newest weights.
+fn set_aside_final_weights(dir: &std::path::Path, step: u64) -> Result<()> {
+    let old = dir.join(train::WEIGHTS_FILE);
+    if !old.exists() {
+        return Ok(());
+    }
+    let aside = dir.join(format!("model.before-resume-from-step-{step}.safetensors"));
+    if aside.exists() {
+        return Err(UsageError(format!(
+            "{} exists and so does {}: move one of them away before resuming in place",
+            old.display(),
+            aside.display()
+        ))
+        .into());
+    }
+    std::fs::rename(&old, &aside)
+        .with_context(|| format!("renaming {} to {}", old.display(), aside.display()))?;
+    println!(
+        "the earlier final weights are kept as {} (this run goes on from step {step})",
+        aside.display()
+    );
+    Ok(())
 }
 
 /// Trains and prints the end-of-run summary.

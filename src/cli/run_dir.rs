@@ -87,7 +87,12 @@ pub fn latest_checkpoint(root: &Path) -> Result<crate::checkpoint::Checkpoint> {
     let mut candidates: Vec<(SystemTime, PathBuf)> = Vec::new();
     let mut roots = vec![root.join("checkpoints")];
     if let Ok(entries) = std::fs::read_dir(root) {
-        roots.extend(entries.flatten().map(|e| e.path().join("checkpoints")));
+        roots.extend(
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path().join("checkpoints")),
+        );
     }
     for r in roots {
         for (_, dir) in list_checkpoints(&r)? {

@@ -2,12 +2,16 @@
 //! today, threads sharing one GPU later). Each rank reads its peers' buffers directly with the
 //! Backend's ops; a mutex and condvar per group order the two phases of every collective.
 //!
-//! A collective on one rank: synchronize the device (its inputs are ready for the peers), *arrive*
-//! (deposit handles to its buffers and a signature, wait for every rank), check that the ranks
-//! agree, do its own share of the work reading the peers' deposited buffers, synchronize, then
-//! *depart* (wait until every rank has finished reading, so no rank returns and overwrites an input
-//! a peer still reads). A phase ends when the last rank of the group arrives; waiting ranks watch a
-//! generation counter, so consecutive collectives cannot mix. Every wait has a deadline, and every
+//! A collective on one rank: record an event after the work issued so far (its inputs are ready
+//! for the peers), *arrive* (deposit handles to its buffers, the event and a signature, wait for
+//! every rank), check that the ranks agree, then on its comm lane wait for every rank's event and
+//! do its own share of the work reading the peers' deposited buffers, record a *done* event, and
+//! *depart* (deposit it, wait for every rank). The caller's later work waits for every rank's done
+//! event ([`Pending::wait`]), so no rank overwrites an input a peer still reads, and nobody reads an
+//! output before it is written; the host never blocks on the device. On the CPU, events are empty
+//! and every op has finished when it returns, so this is a plain two-phase rendezvous. A phase ends
+//! when the last rank of the group arrives; waiting ranks watch a generation counter, so
+//! consecutive collectives cannot mix. Every wait has a deadline, and every
 //! wait also ends as soon as the world records a failure ([`LocalWorld::fail`]: [`run_ranks`] calls
 //! it for a rank's error or panic, a collective for a device error or for the ranks it timed out
 //! waiting for).
@@ -19,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{Communicator, ReduceOp};
+use super::{Communicator, Pending, ReduceOp};
 use crate::backend::{Backend, Buffer};
 
 /// Locks `m`, ignoring poisoning: no code here panics while holding a lock, and a failed rank is
@@ -138,7 +142,7 @@ impl LocalWorld {
                 seq: 0,
                 arrived: vec![false; n],
                 count: 0,
-                deposits: vec![None; n],
+                deposits: [vec![None; n], vec![None; n]],
             }),
             changed: Condvar::new(),
         });
@@ -167,19 +171,36 @@ impl LocalWorld {
     }
 }
 
-/// What one rank hands its peers when it arrives at a collective.
+/// What one rank hands its peers in one phase of a collective.
 struct Deposit {
     /// The collective and its operands' lengths and dtypes, e.g. `all_reduce(buf: 7 x f32, sum)`;
-    /// every rank's must be equal.
+    /// every rank's must be equal (arrival only).
     signature: String,
     /// A problem with this rank's own arguments (reported on every rank).
     problem: Option<String>,
     /// Name of the buffer type, for the message when ranks use different backends.
     buf_type: &'static str,
-    /// Clones of the handles of the buffers the peers read: a `Vec<B::Buf>` (type-erased because
-    /// the group is not generic over the backend).
-    bufs: Box<dyn Any + Send + Sync>,
+    /// On arrival, clones of the handles of the buffers the peers read and the event after which
+    /// they are ready: a `(Vec<B::Buf>, B::Event)`; on departure, the done event `B::Event`
+    /// (type-erased because the group is not generic over the backend).
+    payload: Box<dyn Any + Send + Sync>,
 }
+
+impl Deposit {
+    /// A departure's deposit.
+    fn departure(payload: Box<dyn Any + Send + Sync>) -> Deposit {
+        Deposit {
+            signature: String::new(),
+            problem: None,
+            buf_type: "",
+            payload,
+        }
+    }
+}
+
+/// What a rank deposits on arrival at a data-moving collective: its buffers and the event after
+/// which they are ready.
+type Arrival<B> = (Vec<<B as Backend>::Buf>, <B as Backend>::Event);
 
 /// The synchronisation state of one group.
 struct State {
@@ -191,8 +212,9 @@ struct State {
     arrived: Vec<bool>,
     /// How many group ranks have arrived in the current phase.
     count: usize,
-    /// Each group rank's deposit for the collective in progress (cleared when it completes).
-    deposits: Vec<Option<Arc<Deposit>>>,
+    /// Each group rank's deposit of the last two phases, by generation parity. A phase's deposits
+    /// are cleared when the phase after it completes: by then every rank has read them.
+    deposits: [Vec<Option<Arc<Deposit>>>; 2],
 }
 
 /// One group of ranks: its members and the state its collectives synchronise on.
@@ -217,16 +239,17 @@ impl Group {
         }
     }
 
-    /// One phase of collective `op` for group rank `me`: arrival when `deposit` is given (returns
-    /// every rank's deposit, in group-rank order), departure otherwise (returns none; the last rank
-    /// to depart completes the collective). Returns the collective's sequence number too.
+    /// One phase of collective `op` for group rank `me`: arrival, or departure when `departing`
+    /// (the last rank to depart completes the collective). Every rank deposits; returns every
+    /// rank's deposit of this phase, in group-rank order, and the collective's sequence number.
     fn phase(
         &self,
         me: usize,
         op: &str,
-        deposit: Option<Deposit>,
+        deposit: Deposit,
+        departing: bool,
     ) -> Result<(u64, Vec<Arc<Deposit>>)> {
-        let arriving = deposit.is_some();
+        let arriving = !departing;
         let timeout = self.world.timeout;
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.state);
@@ -240,20 +263,19 @@ impl Group {
                 self.ranks[me]
             );
         }
-        if let Some(d) = deposit {
-            st.deposits[me] = Some(Arc::new(d));
-        }
+        let generation = st.generation;
+        let slot = (generation % 2) as usize;
+        st.deposits[slot][me] = Some(Arc::new(deposit));
         st.arrived[me] = true;
         st.count += 1;
-        let generation = st.generation;
         if st.count == self.ranks.len() {
             st.count = 0;
             st.arrived.fill(false);
             st.generation += 1;
-            if !arriving {
-                // Every rank has finished reading: the collective is complete.
+            // Every rank has arrived here, so every rank has read the previous phase's deposits.
+            st.deposits[1 - slot].fill(None);
+            if departing {
                 st.seq += 1;
-                st.deposits.fill(None);
             }
             self.changed.notify_all();
         } else {
@@ -293,12 +315,8 @@ impl Group {
                     .0;
             }
         }
-        // Deposits stay in place until every rank has departed, so they are complete here.
-        let deposits = if arriving {
-            st.deposits.iter().flatten().cloned().collect()
-        } else {
-            Vec::new()
-        };
+        // This phase's deposits stay until the next phase completes, so they are all here.
+        let deposits = st.deposits[slot].iter().flatten().cloned().collect();
         Ok((seq, deposits))
     }
 }
@@ -369,17 +387,20 @@ impl LocalComm {
     /// group stays consistent) and returns the error on every rank. Returns the collective's label
     /// and every rank's deposit.
     fn arrive(&self, op: &'static str, deposit: Deposit) -> Result<(String, Vec<Arc<Deposit>>)> {
-        let (seq, deposits) = self.group.phase(self.me, op, Some(deposit))?;
+        let (seq, deposits) = self.group.phase(self.me, op, deposit, false)?;
         let label = self.group.label(op, seq);
         if let Some(msg) = disagreement(&self.group, &deposits) {
-            self.group.phase(self.me, op, None)?;
+            self.group
+                .phase(self.me, op, Deposit::departure(Box::new(())), true)?;
             bail!("{label}: {msg}");
         }
         Ok((label, deposits))
     }
 
-    /// The frame of every data-moving collective: synchronize, arrive with handles to `bufs`,
-    /// run `work` on every rank's deposited buffers (in group-rank order), synchronize, depart.
+    /// The frame of every data-moving collective (see the module docs): arrive with handles to
+    /// `bufs` and a ready event, run `work` on the comm lane over every rank's deposited buffers
+    /// (in group-rank order) once every rank's inputs are ready, depart with a done event. Returns
+    /// `work`'s value and the pending completion the caller must wait for.
     fn collective<B: Backend, T>(
         &self,
         be: &B,
@@ -387,37 +408,58 @@ impl LocalComm {
         signature: String,
         problem: Option<String>,
         bufs: Vec<B::Buf>,
-        work: impl FnOnce(&[&Vec<B::Buf>]) -> Result<T>,
-    ) -> Result<T> {
+        work: impl FnOnce(&B, &[&Vec<B::Buf>]) -> Result<T>,
+    ) -> Result<(T, Pending<B>)> {
         let pre_label = format!("{op} on ranks {:?}", self.group.ranks);
-        // Peers read this rank's buffers: every op issued on them must have finished.
-        self.device(&pre_label, be.synchronize())?;
+        let ready = self.device(&pre_label, be.record_event())?;
         let deposit = Deposit {
             signature,
             problem,
             buf_type: std::any::type_name::<B::Buf>(),
-            bufs: Box::new(bufs),
+            payload: Box::new((bufs, ready)),
         };
         let (label, deposits) = self.arrive(op, deposit)?;
-        let peers: Option<Vec<&Vec<B::Buf>>> = deposits
+        let peers: Option<Vec<&Arrival<B>>> = deposits
             .iter()
-            .map(|d| d.bufs.downcast_ref::<Vec<B::Buf>>())
+            .map(|d| d.payload.downcast_ref::<Arrival<B>>())
             .collect();
         // The buffer type names agreed, so this holds unless two types share a name.
         let peers = self.device(
             &label,
             peers.ok_or_else(|| anyhow!("the ranks' buffers are of different types")),
         )?;
-        let result = work(&peers).and_then(|t| {
-            // The peers may overwrite their inputs once we depart: our reads must be done.
-            be.synchronize()?;
-            Ok(t)
-        });
-        let result = self.device(&label, result)?;
+        let lane = be.comm_lane();
+        let result = (|| {
+            for (_, ready) in &peers {
+                lane.wait_event(ready)?;
+            }
+            let bufs: Vec<&Vec<B::Buf>> = peers.iter().map(|(b, _)| b).collect();
+            let value = work(lane, &bufs)?;
+            Ok((value, lane.record_event()?))
+        })();
+        let (value, done) = self.device(&label, result)?;
         drop(peers);
         drop(deposits);
-        self.group.phase(self.me, op, None)?;
-        Ok(result)
+        let (_, dones) = self
+            .group
+            .phase(self.me, op, Deposit::departure(Box::new(done)), true)?;
+        let events: Option<Vec<B::Event>> = dones
+            .iter()
+            .map(|d| d.payload.downcast_ref::<B::Event>().cloned())
+            .collect();
+        let events = self.device(
+            &label,
+            events.ok_or_else(|| anyhow!("the ranks' events are of different types")),
+        )?;
+        Ok((value, Pending::after(events)))
+    }
+
+    /// Waits (device-side) for a collective this rank has just run.
+    fn finish<B: Backend, T>(&self, be: &B, op: &str, started: (T, Pending<B>)) -> Result<T> {
+        let (value, pending) = started;
+        let label = format!("{op} on ranks {:?}", self.group.ranks);
+        self.device(&label, pending.wait(be))?;
+        Ok(value)
     }
 }
 
@@ -448,6 +490,16 @@ impl Communicator for LocalComm {
     }
 
     fn all_gather<B: Backend>(&self, be: &B, out: &B::Buf, shard: &B::Buf) -> Result<()> {
+        let pending = self.all_gather_start(be, out, shard)?;
+        self.finish(be, "all_gather", ((), pending))
+    }
+
+    fn all_gather_start<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        shard: &B::Buf,
+    ) -> Result<Pending<B>> {
         let world = self.world_size();
         let n = shard.len();
         let signature = format!("all_gather(out: {}, shard: {})", desc(out), desc(shard));
@@ -458,19 +510,20 @@ impl Communicator for LocalComm {
                 n * world
             )
         });
-        self.collective(
+        let ((), pending) = self.collective(
             be,
             "all_gather",
             signature,
             problem,
             vec![shard.clone()],
-            |peers| {
+            |lane, peers| {
                 for (i, p) in peers.iter().enumerate() {
-                    be.copy(&be.slice(out, i * n, n)?, &p[0])?;
+                    lane.copy(&lane.slice(out, i * n, n)?, &p[0])?;
                 }
                 Ok(())
             },
-        )
+        )?;
+        Ok(pending)
     }
 
     fn reduce_scatter<B: Backend>(
@@ -495,41 +548,43 @@ impl Communicator for LocalComm {
             )
         });
         let me = self.me;
-        self.collective(
+        let started = self.collective(
             be,
             "reduce_scatter",
             signature,
             problem,
             vec![full.clone()],
-            |peers| {
+            |lane, peers| {
                 let pieces = peers
                     .iter()
-                    .map(|p| be.slice(&p[0], me * n, n))
+                    .map(|p| lane.slice(&p[0], me * n, n))
                     .collect::<Result<Vec<_>>>()?;
-                reduce_into(be, out, &pieces, op)
+                reduce_into(lane, out, &pieces, op)
             },
-        )
+        )?;
+        self.finish(be, "reduce_scatter", started)
     }
 
     fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {
         let signature = format!("all_reduce(buf: {}, {op})", desc(buf));
-        // Every rank reduces into its own scratch buffer; `buf` is overwritten only after every
-        // rank has departed (finished reading every `buf`).
-        let reduced = self.collective(
+        // Every rank reduces into its own scratch buffer (allocated here, on the compute side,
+        // before the collective starts); `buf` is overwritten only after every rank has finished
+        // reading every `buf`.
+        let label = format!("all_reduce on ranks {:?}", self.group.ranks);
+        let scratch = self.device(&label, be.alloc(buf.len(), buf.dtype()))?;
+        let started = self.collective(
             be,
             "all_reduce",
             signature,
             None,
             vec![buf.clone()],
-            |peers| {
-                let scratch = be.alloc(buf.len(), buf.dtype())?;
+            |lane, peers| {
                 let pieces: Vec<B::Buf> = peers.iter().map(|p| p[0].clone()).collect();
-                reduce_into(be, &scratch, &pieces, op)?;
-                Ok(scratch)
+                reduce_into(lane, &scratch, &pieces, op)
             },
         )?;
-        let label = format!("all_reduce on ranks {:?}", self.group.ranks);
-        self.device(&label, be.copy(buf, &reduced))
+        self.finish(be, "all_reduce", started)?;
+        self.device(&label, be.copy(buf, &scratch))
     }
 
     fn broadcast<B: Backend>(&self, be: &B, buf: &B::Buf, root: usize) -> Result<()> {
@@ -538,19 +593,20 @@ impl Communicator for LocalComm {
         let problem = (root >= world)
             .then(|| format!("broadcast: root {root} is not a group rank (the group has {world})"));
         let me = self.me;
-        self.collective(
+        let started = self.collective(
             be,
             "broadcast",
             signature,
             problem,
             vec![buf.clone()],
-            |peers| {
+            |lane, peers| {
                 if me != root {
-                    be.copy(buf, &peers[root][0])?;
+                    lane.copy(buf, &peers[root][0])?;
                 }
                 Ok(())
             },
-        )
+        )?;
+        self.finish(be, "broadcast", started)
     }
 
     fn barrier(&self) -> Result<()> {
@@ -558,10 +614,11 @@ impl Communicator for LocalComm {
             signature: "barrier()".to_string(),
             problem: None,
             buf_type: "none",
-            bufs: Box::new(()),
+            payload: Box::new(()),
         };
         self.arrive("barrier", deposit)?;
-        self.group.phase(self.me, "barrier", None)?;
+        self.group
+            .phase(self.me, "barrier", Deposit::departure(Box::new(())), true)?;
         Ok(())
     }
 }

@@ -10,6 +10,32 @@ use crate::backend::Backend;
 
 pub use local::{run_ranks, LocalComm, LocalWorld};
 
+/// A collective that was started but whose results may not be used yet (see
+/// [`Communicator::all_gather_start`]). Dropping it without [`Pending::wait`] is a bug: the
+/// outputs might be read before they are written.
+#[must_use = "wait for a started collective before using its outputs"]
+pub struct Pending<B: Backend> {
+    /// The work of every rank's comm lane for this collective.
+    done: Vec<B::Event>,
+}
+
+impl<B: Backend> Pending<B> {
+    /// A collective that has already completed.
+    pub fn complete() -> Self {
+        Pending { done: Vec::new() }
+    }
+
+    pub(crate) fn after(done: Vec<B::Event>) -> Self {
+        Pending { done }
+    }
+
+    /// Orders `be`'s later work after the collective; the host does not wait. After this, the
+    /// outputs may be read and the inputs overwritten.
+    pub fn wait(self, be: &B) -> Result<()> {
+        self.done.iter().try_for_each(|e| be.wait_event(e))
+    }
+}
+
 /// How a reduction combines the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -60,6 +86,19 @@ pub trait Communicator: Send + Sync {
     /// `shard` has `n` elements on every rank; `out` (`n * world_size` elements) receives group
     /// rank `i`'s shard at `i * n`. `out` must not overlap `shard`.
     fn all_gather<B: Backend>(&self, be: &B, out: &B::Buf, shard: &B::Buf) -> Result<()>;
+
+    /// [`Communicator::all_gather`] that returns once the gather is issued: on a GPU it runs on
+    /// the comm lane beside the compute `be` goes on issuing. `out` must not be read, nor `shard`
+    /// written, before [`Pending::wait`]. (Transports without async support complete it at once.)
+    fn all_gather_start<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        shard: &B::Buf,
+    ) -> Result<Pending<B>> {
+        self.all_gather(be, out, shard)?;
+        Ok(Pending::complete())
+    }
 
     /// `full` has `n * world_size` elements on every rank; `out` (`n` elements) receives the
     /// reduction over ranks of their `full[rank * n .. (rank + 1) * n]` (this rank's piece). Sum

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use super::flat::ShardLayout;
 use super::plan::ShardPlan;
 use crate::backend::{Backend, Buffer, DType};
-use crate::comm::{Communicator, ReduceOp};
+use crate::comm::{Communicator, Pending, ReduceOp};
 use crate::model::{ParamLayout, UnitAccess};
 
 /// The communicators one rank needs: everyone, its shard group, its replica group.
@@ -59,8 +59,9 @@ pub struct ShardedUnits<B: Backend, C: Communicator> {
     pub param_shards: Vec<B::Buf>,
     /// Per unit: this rank's f32 gradient shard, accumulated over the micro-batches of a step.
     pub grad_shards: Vec<B::Buf>,
-    /// Per unit: the gathered, padded parameters while they are live.
-    gathered: Vec<Option<B::Buf>>,
+    /// Per unit: the gathered, padded parameters while they are live, with the gather's pending
+    /// completion until the first use waits for it.
+    gathered: Vec<Option<Gathered<B>>>,
     /// Per unit: unsharded gradients (reduce dtype) while the backward fills them.
     full_grads: Vec<Option<B::Buf>>,
     /// Gradients go straight into the gradient shards: nothing to reduce (one rank, f32 reduce).
@@ -71,6 +72,9 @@ pub struct ShardedUnits<B: Backend, C: Communicator> {
     bytes: TransientBytes,
     trace: Option<Vec<Event>>,
 }
+
+/// A unit's gathered parameters, with the gather's completion until its first use waits for it.
+type Gathered<B> = (<B as Backend>::Buf, Option<Pending<B>>);
 
 fn size_of<B: Buffer>(b: &B) -> usize {
     b.len() * b.dtype().size_bytes()
@@ -93,7 +97,7 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
         Ok(ShardedUnits {
             param_shards: alloc(plan.param_dtype)?,
             grad_shards: alloc(DType::F32)?,
-            gathered: vec![None; n],
+            gathered: (0..n).map(|_| None).collect(),
             full_grads: vec![None; n],
             direct_grads,
             sync: true,
@@ -158,10 +162,11 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
     }
 
     /// Frees every gathered unit (after an optimizer step they are stale).
-    pub fn release_all(&mut self) {
+    pub fn release_all(&mut self, be: &B) -> Result<()> {
         for u in 0..self.gathered.len() {
-            self.free_params(u);
+            self.free_params(be, u)?;
         }
+        Ok(())
     }
 
     /// Zeroes the gradient shards before a step's first micro-batch.
@@ -183,27 +188,45 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
         }
     }
 
-    fn ensure_gathered(&mut self, be: &B, unit: usize) -> Result<()> {
+    /// Issues the gather of `unit` unless it is gathered or in flight (one rank: nothing to
+    /// gather). The gather runs on the comm lane; [`Self::wait_gathered`] orders its use.
+    fn start_gather(&mut self, be: &B, unit: usize) -> Result<()> {
         if self.plan.group_size == 1 || self.gathered[unit].is_some() {
             return Ok(());
         }
         let full = be.alloc(self.shards.units[unit].padded, self.plan.param_dtype)?;
-        self.comms
+        let pending = self
+            .comms
             .shard
-            .all_gather(be, &full, &self.param_shards[unit])
+            .all_gather_start(be, &full, &self.param_shards[unit])
             .with_context(|| format!("gathering the parameters of unit {unit}"))?;
         self.bytes.gathered_now += size_of(&full);
         self.bytes.gathered_peak = self.bytes.gathered_peak.max(self.bytes.gathered_now);
-        self.gathered[unit] = Some(full);
+        self.gathered[unit] = Some((full, Some(pending)));
         self.log(Event::Gather(unit));
         Ok(())
     }
 
-    fn free_params(&mut self, unit: usize) {
-        if let Some(buf) = self.gathered[unit].take() {
+    /// Orders the compute after `unit`'s gather (the host does not wait).
+    fn wait_gathered(&mut self, be: &B, unit: usize) -> Result<()> {
+        if let Some((_, pending)) = &mut self.gathered[unit] {
+            if let Some(p) = pending.take() {
+                p.wait(be)
+                    .with_context(|| format!("waiting for the gather of unit {unit}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn free_params(&mut self, be: &B, unit: usize) -> Result<()> {
+        // A prefetched unit that was never used still has peers reading into it: wait first, so
+        // its memory is released after the gather.
+        self.wait_gathered(be, unit)?;
+        if let Some((buf, _)) = self.gathered[unit].take() {
             self.bytes.gathered_now -= size_of(&buf);
             self.log(Event::Free(unit));
         }
+        Ok(())
     }
 
     /// Sums this micro-batch's unsharded gradients of `unit` over the shard group (reduce-scatter)
@@ -271,16 +294,18 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
 
 impl<B: Backend, C: Communicator> UnitAccess<B> for ShardedUnits<B, C> {
     fn params(&mut self, be: &B, unit: usize) -> Result<B::Buf> {
-        self.ensure_gathered(be, unit)?;
+        self.start_gather(be, unit)?;
+        // The next unit's gather is issued before this unit's compute, so it runs beside it.
         if self.plan.prefetch {
             if let Some(next) = self.next_unit(unit) {
-                self.ensure_gathered(be, next)?;
+                self.start_gather(be, next)?;
             }
         }
+        self.wait_gathered(be, unit)?;
         self.log(Event::Use(unit));
         let numel = self.shards.units[unit].numel;
         let full = match &self.gathered[unit] {
-            Some(buf) => buf,
+            Some((buf, _)) => buf,
             None => &self.param_shards[unit],
         };
         be.slice(full, 0, numel)
@@ -301,10 +326,10 @@ impl<B: Backend, C: Communicator> UnitAccess<B> for ShardedUnits<B, C> {
         be.slice(full, 0, numel)
     }
 
-    fn forward_done(&mut self, _be: &B, unit: usize) -> Result<()> {
+    fn forward_done(&mut self, be: &B, unit: usize) -> Result<()> {
         // The root unit is needed again as soon as the backward starts: keep it (FSDP's root).
         if self.plan.reshard_after_forward && unit != ParamLayout::EMBED_HEAD_UNIT {
-            self.free_params(unit);
+            self.free_params(be, unit)?;
         }
         Ok(())
     }
@@ -313,7 +338,6 @@ impl<B: Backend, C: Communicator> UnitAccess<B> for ShardedUnits<B, C> {
         if self.sync {
             self.reduce_grads(be, unit)?;
         }
-        self.free_params(unit);
-        Ok(())
+        self.free_params(be, unit)
     }
 }

@@ -30,13 +30,18 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// A new metrics file, or with `append` the existing one continued (a resumed run).
-    pub fn open(path: &Path, append: bool) -> Result<Self> {
+    /// A new metrics file, or, for a run resumed after step `resumed_after`, the existing one
+    /// continued: records of later steps (written before a crash, and about to be run again) are
+    /// dropped first, so every step appears once, in order.
+    pub fn open(path: &Path, resumed_after: Option<u64>) -> Result<Self> {
+        if let Some(step) = resumed_after {
+            rewind(path, step)?;
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(append)
+            .append(resumed_after.is_some())
             .write(true)
-            .truncate(!append)
+            .truncate(resumed_after.is_none())
             .open(path)
             .with_context(|| format!("opening the metrics file {}", path.display()))?;
         Ok(MetricsWriter {
@@ -50,5 +55,67 @@ impl MetricsWriter {
         writeln!(self.out, "{line}")
             .and_then(|()| self.out.flush())
             .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Keeps the records of steps up to `step` (rewritten beside, then renamed: atomic).
+fn rewind(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let step_of = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| step_of(l).is_some_and(|s| s <= step))
+        .collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_drops_records_after_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.jsonl");
+        let lines: String = (1..=8).map(|s| format!("{{\"step\":{s}}}\n")).collect();
+        std::fs::write(&path, lines).unwrap();
+        let mut w = MetricsWriter::open(&path, Some(5)).unwrap();
+        let record = StepRecord {
+            step: 6,
+            loss: 1.0,
+            lr: 0.1,
+            grad_norm: 1.0,
+            tokens_per_s: 1.0,
+            elapsed_s: 1.0,
+            val_loss: None,
+        };
+        w.write(&record).unwrap();
+        let steps: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     }
 }

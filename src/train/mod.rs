@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
@@ -29,6 +29,7 @@ use crate::backend::OpTime;
 use crate::checkpoint::Checkpoint;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
 use crate::config::Config;
+use crate::error::UsageError;
 use crate::model::init::init_tensor;
 use crate::model::{GptShape, ParamLayout};
 use crate::shard::memory::MemoryUse;
@@ -193,8 +194,9 @@ pub fn start_of(cfg: &Config, resume: Option<Checkpoint>) -> Result<Start> {
         return Ok(Start::Scratch);
     }
     let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
+    // A missing or unsuitable file is input to fix (exit 2), as a bad config is.
     let weights = crate::checkpoint::hf::import_hf(Path::new(&cfg.model.init_from), &layout)
-        .with_context(|| format!("model.init_from: {}", cfg.model.init_from))?;
+        .map_err(|e| UsageError(format!("model.init_from: {e:#}")))?;
     Ok(Start::Weights(Arc::new(weights)))
 }
 

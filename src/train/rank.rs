@@ -200,7 +200,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
                 count += 1.0;
             }
         }
-        self.units.release_all();
+        self.units.release_all(&self.be)?;
         let totals = self.sum_over_ranks(&[sum, count])?;
         Ok(totals[0] / totals[1])
     }
@@ -342,7 +342,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         let mut metrics = if lead {
             Some(MetricsWriter::open(
                 &self.run_dir.join(&cfg.logging.metrics_file),
-                self.start_step > 1,
+                (self.start_step > 1).then(|| self.start_step - 1),
             )?)
         } else {
             None
@@ -426,7 +426,7 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
                 lr,
                 clip,
             )?;
-            self.units.release_all();
+            self.units.release_all(&self.be)?;
             self.be.synchronize()?;
             let step_seconds = step_start.elapsed().as_secs_f64();
             train_seconds += step_seconds;

@@ -63,6 +63,7 @@ fn expect_ids_below(op: &str, what: &str, ids: &CpuIds, bound: usize) -> Result<
 impl<T: Real> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
     type Ids = CpuIds;
+    type Event = ();
 
     fn name(&self) -> String {
         // The element type is worth naming only when it is not the usual f32.
@@ -103,6 +104,18 @@ impl<T: Real> Backend for CpuBackend<T> {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn record_event(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait_event(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn comm_lane(&self) -> &Self {
+        self
     }
 
     fn fill(&self, dst: &CpuBuf<T>, value: f32) -> Result<()> {

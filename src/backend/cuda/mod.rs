@@ -13,10 +13,10 @@ mod launch;
 mod memory;
 mod profile;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaEvent, CudaStream};
 use half::bf16;
 
 pub use device::{device_count, unavailable_reason, CudaDevice};
@@ -35,13 +35,26 @@ const ROWS_PER_CHUNK: usize = 256;
 /// Query (or key) rows per attention block: `TILE` in kernels/attention.cu.
 const ATTENTION_TILE: u32 = 64;
 
-/// One rank's view of a GPU: its stream, cuBLASLt state and memory counts.
+/// One rank's view of a GPU: its stream, cuBLASLt state and memory counts, and a second backend
+/// on a stream of its own for communication (the comm lane).
 pub struct CudaBackend {
     device: Arc<CudaDevice>,
     stream: Arc<CudaStream>,
-    blas: Blas,
+    /// Created at the first matmul (the comm lane never needs one).
+    blas: OnceLock<Blas>,
     stats: Arc<MemoryStats>,
     profiler: OpProfiler,
+    lane: Option<Box<CudaBackend>>,
+}
+
+/// A recorded point of a CUDA stream.
+#[derive(Clone)]
+pub struct CudaMark(Arc<CudaEvent>);
+
+impl std::fmt::Debug for CudaMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CudaMark")
+    }
 }
 
 /// The kernel-name suffix of a dtype.
@@ -113,21 +126,38 @@ fn check_ids_len(op: &str, what: &str, ids: &CudaIds, expected: usize) -> Result
 }
 
 impl CudaBackend {
-    /// A backend on `device` with a new stream of its own.
+    /// A backend on `device` with a new stream of its own, and a comm lane on another.
     pub fn new(device: &Arc<CudaDevice>) -> Result<CudaBackend> {
+        let stats = Arc::new(MemoryStats::default());
+        let lane = CudaBackend::on_new_stream(device, &stats, None)?;
+        CudaBackend::on_new_stream(device, &stats, Some(Box::new(lane)))
+    }
+
+    fn on_new_stream(
+        device: &Arc<CudaDevice>,
+        stats: &Arc<MemoryStats>,
+        lane: Option<Box<CudaBackend>>,
+    ) -> Result<CudaBackend> {
         let stream = device
             .ctx
             .new_stream()
             .map_err(|e| anyhow!("creating a CUDA stream: {e:?}"))?;
-        let stats = Arc::new(MemoryStats::default());
-        let blas = Blas::new(&stream, &stats)?;
         Ok(CudaBackend {
             device: device.clone(),
             stream,
-            blas,
-            stats,
+            blas: OnceLock::new(),
+            stats: stats.clone(),
             profiler: OpProfiler::default(),
+            lane,
         })
+    }
+
+    fn blas(&self) -> Result<&Blas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let made = Blas::new(&self.stream, &self.stats)?;
+        Ok(self.blas.get_or_init(|| made))
     }
 
     /// Opens GPU `ordinal` and makes one backend on it (tests, the op check, single-rank tools).
@@ -190,6 +220,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Ids = CudaIds;
+    type Event = CudaMark;
 
     fn name(&self) -> String {
         self.device.describe()
@@ -273,6 +304,9 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        if let Some(lane) = &self.lane {
+            lane.synchronize()?;
+        }
         self.stream.synchronize().map_err(|e| {
             anyhow!(
                 "the GPU reported an error while running queued work (a kernel fault surfaces at \
@@ -283,6 +317,24 @@ impl Backend for CudaBackend {
             .ctx
             .check_err()
             .map_err(|e| anyhow!("an earlier GPU operation failed: {e:?}"))
+    }
+
+    fn record_event(&self) -> Result<CudaMark> {
+        let event = self
+            .stream
+            .record_event(None)
+            .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))?;
+        Ok(CudaMark(Arc::new(event)))
+    }
+
+    fn wait_event(&self, event: &CudaMark) -> Result<()> {
+        self.stream
+            .wait(&event.0)
+            .map_err(|e| anyhow!("making a CUDA stream wait for an event: {e:?}"))
+    }
+
+    fn comm_lane(&self) -> &Self {
+        self.lane.as_deref().unwrap_or(self)
     }
 
     fn memory_in_use(&self) -> Option<(usize, usize)> {
@@ -385,7 +437,7 @@ impl Backend for CudaBackend {
             };
         }
         self.bind()?;
-        self.timed("matmul", || self.blas.matmul(out, a, b, bias, spec))
+        self.timed("matmul", || self.blas()?.matmul(out, a, b, bias, spec))
     }
 
     fn bias_backward(
