@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod launch;
 pub mod model;
 pub mod shard;
 pub mod train;

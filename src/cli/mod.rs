@@ -2,12 +2,13 @@
 //! failures to exit codes (2: bad input, the user must change something; 1: the run failed).
 //! Knows which subcommand calls which layer, and nothing of how training works.
 
-mod run_dir;
+pub mod run_dir;
+mod train_job;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::CpuBackend;
@@ -18,7 +19,6 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, ConfigError};
 use crate::error::UsageError;
 use crate::generate::{sample_from_run, SampleOptions};
-use crate::shard::memory::mib;
 use crate::train::{self, CONFIG_FILE};
 
 /// shardtrain trains GPT language models, sharding parameters, gradients and optimizer state
@@ -40,6 +40,9 @@ enum Command {
     Train(TrainArgs),
     /// Generate text from the final weights of a finished training run.
     Sample(SampleArgs),
+    /// Run a command as a multi-process job: one process per rank on this node (CPU ranks, or
+    /// one per GPU), e.g. `shardtrain launch --nproc-per-node 2 -- train --config c.yaml`.
+    Launch(LaunchArgs),
     /// Inspect checkpoints: `shardtrain ckpt inspect PATH`.
     Ckpt {
         #[command(subcommand)]
@@ -51,6 +54,34 @@ enum Command {
     /// Compare every op of a backend with the CPU reference on fresh random inputs (outputs
     /// poisoned first, so an element left unwritten fails); exits 1 if any case fails.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct LaunchArgs {
+    /// Processes (ranks) on this node: one per GPU, or CPU ranks.
+    #[arg(long, value_name = "N")]
+    nproc_per_node: usize,
+    /// Nodes in the job.
+    #[arg(long, default_value_t = 1, value_name = "M")]
+    nnodes: usize,
+    /// This node's index (0 on the node whose first rank is rank 0).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    node_rank: usize,
+    /// Rank 0's address, reachable from every node.
+    #[arg(long, default_value = "127.0.0.1", value_name = "HOST")]
+    master_addr: String,
+    /// The rendezvous port on MASTER_ADDR.
+    #[arg(long, default_value_t = 29500, value_name = "PORT")]
+    master_port: u16,
+    /// When a rank fails, start every rank again from the newest checkpoint, up to K times.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    max_restarts: usize,
+    /// Seconds the surviving ranks get to stop on their own after one fails, before SIGKILL.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    grace_s: f64,
+    /// The shardtrain command every rank runs (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +186,9 @@ pub fn main() -> ExitCode {
                 || err.downcast_ref::<UsageError>().is_some()
             {
                 ExitCode::from(2)
+            } else if err.chain().any(|e| e.is::<crate::comm::PeerFailed>()) {
+                // Another rank failed first: say so to the launcher.
+                ExitCode::from(crate::comm::PeerFailed::EXIT_CODE)
             } else {
                 ExitCode::FAILURE
             }
@@ -174,7 +208,8 @@ fn init_logging() {
 
 fn try_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => train_command(args),
+        Command::Train(args) => train_job::train_command(args),
+        Command::Launch(args) => launch_command(args),
         Command::Sample(args) => sample_command(args),
         Command::Check(args) => check_command(args),
         Command::Ckpt {
@@ -187,220 +222,21 @@ fn try_main(cli: Cli) -> Result<()> {
     }
 }
 
-fn train_command(args: TrainArgs) -> Result<()> {
-    let mut overrides = args.set;
-    if let Some(n) = args.world {
-        overrides.push(format!("parallel.world_size={n}"));
-    }
-    if let Some(resume) = &args.resume {
-        return resume_command(
-            resume,
-            args.config.as_deref(),
-            args.run_dir,
-            &overrides,
-            args.print_config,
-            args.dry_run,
-        );
-    }
-    // Everything is validated before anything is written.
-    let cfg = Config::load(args.config.as_deref(), &overrides)?;
-    if args.print_config {
-        print!("{}", cfg.to_yaml());
-        return Ok(());
-    }
-    if args.dry_run {
-        print!("{}", train::describe_plan(&cfg));
-        return Ok(());
-    }
-    let config_name = args
-        .config
-        .as_deref()
-        .and_then(|p| p.file_stem())
-        .map_or_else(|| "tiny".to_string(), |s| s.to_string_lossy().into_owned());
-    // The device is opened (and init_from read) before the run directory exists: a missing GPU
-    // or weights file leaves nothing behind.
-    let device = train::device::resolve(cfg.device)?;
-    let start = train::start_of(&cfg, None)?;
-    let dir = run_dir::prepare(args.run_dir, &config_name)?;
-    std::fs::write(dir.join(CONFIG_FILE), cfg.to_yaml())?;
-    println!("run directory: {}", dir.display());
-    run_and_report(&device, &cfg, &dir, &start)
-}
-
-/// `train --resume`: the checkpoint's config with the overrides, continued in its run directory
-/// (or a new one).
-fn resume_command(
-    resume: &str,
-    config: Option<&std::path::Path>,
-    run_dir: Option<PathBuf>,
-    overrides: &[String],
-    print_config: bool,
-    dry_run: bool,
-) -> Result<()> {
-    if config.is_some() {
-        return Err(UsageError(
-            "--resume takes the config from the checkpoint; change keys with --set (for example \
-             --set train.max_steps=N, or --world N to reshard)"
-                .to_string(),
-        )
-        .into());
-    }
-    let ckpt = if resume == "latest" {
-        let root = run_dir.clone().unwrap_or_else(|| PathBuf::from("runs"));
-        run_dir::latest_checkpoint(&root)?
-    } else {
-        Checkpoint::resolve(std::path::Path::new(resume))?
+fn launch_command(args: LaunchArgs) -> Result<()> {
+    let opts = crate::launch::supervise::LaunchOptions {
+        nproc_per_node: args.nproc_per_node,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr,
+        master_port: args.master_port,
+        max_restarts: args.max_restarts,
+        command: args.command,
+        grace: std::time::Duration::from_secs_f64(args.grace_s.max(0.0)),
     };
-    let origin = ckpt
-        .dir
-        .join(checkpoint::meta::META_FILE)
-        .display()
-        .to_string();
-    let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, overrides)?;
-    if print_config {
-        print!("{}", cfg.to_yaml());
-        return Ok(());
+    let code = crate::launch::supervise::launch(&opts)?;
+    if code != 0 {
+        std::process::exit(code);
     }
-    if dry_run {
-        print!("{}", train::describe_plan(&cfg));
-        return Ok(());
-    }
-    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
-    ckpt.check_layout(&layout)?;
-    if ckpt.meta.step >= cfg.train.max_steps {
-        return Err(UsageError(format!(
-            "{} is at step {}, train.max_steps is {}: nothing to do (raise it with --set train.max_steps=N)",
-            ckpt.dir.display(),
-            ckpt.meta.step,
-            cfg.train.max_steps
-        ))
-        .into());
-    }
-    let device = train::device::resolve(cfg.device)?;
-    let home = run_dir::run_dir_of(&ckpt.dir);
-    // `latest` searches --run-dir (a run, or a directory of runs): the run it finds continues.
-    let run_dir = if resume == "latest" { None } else { run_dir };
-    let same_dir = |a: &std::path::Path, b: &std::path::Path| {
-        std::fs::canonicalize(a)
-            .ok()
-            .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
-    };
-    let dir = match run_dir {
-        Some(d) if home.as_deref().is_some_and(|h| same_dir(h, &d)) => d,
-        Some(d) => {
-            let d = run_dir::prepare(Some(d), "resumed")?;
-            std::fs::write(d.join(CONFIG_FILE), cfg.to_yaml())?;
-            d
-        }
-        None => home.clone().ok_or_else(|| {
-            UsageError(format!(
-                "{} is not inside a run directory: name one with --run-dir",
-                ckpt.dir.display()
-            ))
-        })?,
-    };
-    if home.as_deref().is_some_and(|h| same_dir(h, &dir)) {
-        // Every file is checked before anything in the run directory changes.
-        ckpt.verify_all()?;
-        set_aside_final_weights(&dir, ckpt.meta.step)?;
-        // The original config.yaml stays; the config this part runs with goes beside it.
-        let resumed = dir.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
-        std::fs::write(&resumed, cfg.to_yaml())
-            .with_context(|| format!("writing {}", resumed.display()))?;
-    }
-    println!(
-        "resuming {} (step {}) in {}",
-        ckpt.dir.display(),
-        ckpt.meta.step,
-        dir.display()
-    );
-    let start = train::start_of(&cfg, Some(ckpt))?;
-    run_and_report(&device, &cfg, &dir, &start)
-}
-
-/// A run continued in place no longer ends with the weights it ended with before: its earlier
-/// `model.safetensors` is renamed (never deleted), so that `export` and `sample` do not take it
-/// for the run's newest weights.
-fn set_aside_final_weights(dir: &std::path::Path, step: u64) -> Result<()> {
-    let old = dir.join(train::WEIGHTS_FILE);
-    if !old.exists() {
-        return Ok(());
-    }
-    let aside = dir.join(format!("model.before-resume-from-step-{step}.safetensors"));
-    if aside.exists() {
-        return Err(UsageError(format!(
-            "{} exists and so does {}: move one of them away before resuming in place",
-            old.display(),
-            aside.display()
-        ))
-        .into());
-    }
-    std::fs::rename(&old, &aside)
-        .with_context(|| format!("renaming {} to {}", old.display(), aside.display()))?;
-    println!(
-        "the earlier final weights are kept as {} (this run goes on from step {step})",
-        aside.display()
-    );
-    Ok(())
-}
-
-/// Trains and prints the end-of-run summary.
-fn run_and_report(
-    device: &train::device::Device,
-    cfg: &Config,
-    dir: &std::path::Path,
-    start: &train::Start,
-) -> Result<()> {
-    train::install_stop_signals()?;
-    let s = train::train_on(device, cfg, dir, start, &train::Faults::default())?;
-    if let Some(step) = s.stopped_at {
-        let ckpt = s
-            .checkpoint
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        println!("stopped after step {step}; checkpoint: {ckpt}");
-        println!("continue with: shardtrain train --resume {ckpt}");
-        return Ok(());
-    }
-    let val = s
-        .final_val_loss
-        .map(|v| format!(", val_loss {v:.4}"))
-        .unwrap_or_default();
-    println!(
-        "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s) | loss {:.4} -> {:.4}{val} | {}",
-        s.steps,
-        s.tokens,
-        s.train_seconds,
-        s.tokens_per_s,
-        s.first_loss,
-        s.final_loss,
-        dir.display()
-    );
-    if let Some(peak) = s.device_memory_peak {
-        println!(
-            "device: {} | median step {:.1} ms | peak device memory of rank 0 {}",
-            s.device,
-            s.median_step_seconds * 1e3,
-            mib(peak)
-        );
-    }
-    if !s.op_times.is_empty() {
-        print!("{}", render_op_times(&s.op_times));
-    }
-    let m = &s.memory;
-    println!(
-        "memory of rank 0: master params {} | param shards {} | gathered params (peak) {} | grads {} | optimizer {} | activations {} | total {} (ZeRO model state {} = {})",
-        mib(m.master_params),
-        mib(m.param_shards),
-        mib(m.gathered_params_peak),
-        mib(m.grads),
-        mib(m.optimizer),
-        mib(m.activations),
-        mib(m.total()),
-        s.zero_formula.0,
-        mib(s.zero_formula.1),
-    );
     Ok(())
 }
 

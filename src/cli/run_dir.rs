@@ -41,7 +41,8 @@ fn is_nonempty(dir: &Path) -> Result<bool> {
     Ok(entries.next().is_some())
 }
 
-fn fresh_default(name: &str) -> PathBuf {
+/// A new run directory name: `runs/<name>-<UTC date-time>` (with a suffix if taken).
+pub fn fresh_default(name: &str) -> PathBuf {
     let base = format!("{name}-{}", utc_stamp(SystemTime::now()));
     let runs = Path::new("runs");
     let mut dir = runs.join(&base);

@@ -3,12 +3,36 @@
 //! only through the Backend's own ops, so a transport serves any backend whose buffers it can reach.
 
 pub mod local;
+pub mod rendezvous;
+pub mod tcp;
 
 use anyhow::Result;
 
 use crate::backend::Backend;
 
 pub use local::{run_ranks, LocalComm, LocalWorld};
+
+/// The error of a collective that failed because another rank did (it exited, hung, or called
+/// something else): the rank is a victim, not the cause. A process whose error contains one exits
+/// with [`PeerFailed::EXIT_CODE`], so a launcher can tell the rank that failed first.
+#[derive(Debug, Clone)]
+pub struct PeerFailed {
+    /// The global rank blamed.
+    pub rank: usize,
+    pub message: String,
+}
+
+impl PeerFailed {
+    pub const EXIT_CODE: u8 = 3;
+}
+
+impl std::fmt::Display for PeerFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PeerFailed {}
 
 /// A collective that was started but whose results may not be used yet (see
 /// [`Communicator::all_gather_start`]). Dropping it without [`Pending::wait`] is a bug: the

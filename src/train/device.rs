@@ -20,9 +20,14 @@ pub enum Device {
 /// Resolves the config's device. `auto` takes GPU 0 when this build has kernels and a GPU with
 /// its libraries is present, and the CPU otherwise (saying why at info level); `cuda` insists.
 pub fn resolve(kind: DeviceKind) -> Result<Device> {
+    resolve_on(kind, 0)
+}
+
+/// [`resolve`] for GPU `ordinal` (a process of a multi-process job takes its local rank's GPU).
+pub fn resolve_on(kind: DeviceKind, ordinal: usize) -> Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda => Ok(Device::Cuda(CudaDevice::open(0)?)),
+        DeviceKind::Cuda => Ok(Device::Cuda(CudaDevice::open(ordinal)?)),
         DeviceKind::Auto => {
             let reason = missing_kernels_reason()
                 .map(str::to_string)
@@ -32,7 +37,7 @@ pub fn resolve(kind: DeviceKind) -> Result<Device> {
                     tracing::info!("device auto: using the CPU ({why})");
                     Ok(Device::Cpu)
                 }
-                None => Ok(Device::Cuda(CudaDevice::open(0)?)),
+                None => Ok(Device::Cuda(CudaDevice::open(ordinal)?)),
             }
         }
     }

@@ -28,6 +28,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::OpTime;
 use crate::checkpoint::Checkpoint;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
+use crate::comm::tcp::TcpWorld;
 use crate::config::Config;
 use crate::error::UsageError;
 use crate::model::init::init_tensor;
@@ -92,6 +93,41 @@ pub struct Faults {
     /// This rank fails after writing its checkpoint file of this step, before the checkpoint is
     /// committed (rank, step): a crash in the middle of a save.
     pub fail_in_checkpoint_at_step: Option<(usize, u64)>,
+    /// This rank stops responding at the start of this step (rank, step): a hung rank.
+    pub hang_rank_at_step: Option<(usize, u64)>,
+}
+
+impl Faults {
+    /// Faults for tests of whole jobs, from `SHARDTRAIN_FAULT` (`fail:RANK:STEP` or
+    /// `hang:RANK:STEP`): only for tests of the launcher, which cannot reach into its processes.
+    pub fn from_env() -> Faults {
+        let Ok(spec) = std::env::var("SHARDTRAIN_FAULT") else {
+            return Faults::default();
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let parsed = match parts.as_slice() {
+            [kind, rank, step] => rank
+                .parse()
+                .ok()
+                .zip(step.parse().ok())
+                .map(|rs| (*kind, rs)),
+            _ => None,
+        };
+        match parsed {
+            Some(("fail", rs)) => Faults {
+                fail_rank_at_step: Some(rs),
+                ..Faults::default()
+            },
+            Some(("hang", rs)) => Faults {
+                hang_rank_at_step: Some(rs),
+                ..Faults::default()
+            },
+            _ => {
+                tracing::warn!("ignoring SHARDTRAIN_FAULT={spec:?} (expected fail|hang:RANK:STEP)");
+                Faults::default()
+            }
+        }
+    }
 }
 
 /// Where a run's weights come from.
@@ -248,6 +284,55 @@ pub fn train_on(
         .next()
         .flatten()
         .ok_or_else(|| anyhow!("rank 0 returned no summary"))
+}
+
+/// This process's rank of a multi-process job (`shardtrain launch`, torchrun, srun, mpirun), its
+/// peers reached through `world`; returns the summary on rank 0. The device is this process's own
+/// (the CPU, or its local GPU).
+pub fn train_process(
+    device: &Device,
+    cfg: &Config,
+    run_dir: &Path,
+    start: &Start,
+    faults: &Faults,
+    world: &Arc<TcpWorld>,
+) -> Result<Option<TrainSummary>> {
+    let plan = ShardPlan::new(&cfg.parallel);
+    let rank = world.rank();
+    if world.size() != plan.world_size {
+        anyhow::bail!(
+            "the job has {} processes but parallel.world_size is {}",
+            world.size(),
+            plan.world_size
+        );
+    }
+    let comms = RankComms {
+        world: world.group(&(0..plan.world_size).collect::<Vec<_>>())?,
+        shard: world.group(&plan.shard_group(rank))?,
+        replica: world.group(&plan.replica_group(rank))?,
+    };
+    match device {
+        Device::Cpu => RankTrainer::new(
+            CpuBackend::<f32>::new(),
+            rank,
+            cfg,
+            run_dir,
+            plan,
+            comms,
+            start,
+        )?
+        .run(faults),
+        Device::Cuda(gpu) => RankTrainer::new(
+            CudaBackend::new(gpu)?,
+            rank,
+            cfg,
+            run_dir,
+            plan,
+            comms,
+            start,
+        )?
+        .run(faults),
+    }
 }
 
 /// Every rank's communicators: the whole world, its shard group, its replica group.

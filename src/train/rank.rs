@@ -21,7 +21,6 @@ use crate::checkpoint::meta::UnitMeta;
 use crate::checkpoint::meta::{Piece, FORMAT};
 use crate::checkpoint::write::{commit, prepare_staging, staging_dir, write_rank_file, RankState};
 use crate::checkpoint::CheckpointMeta;
-use crate::comm::local::LocalComm;
 use crate::comm::{Communicator, ReduceOp};
 use crate::config::Config;
 use crate::data::synthetic::{ArithmeticCorpus, Split};
@@ -36,13 +35,13 @@ fn data_source(cfg: &Config, split: Split) -> ArithmeticCorpus {
 }
 
 /// One rank's training state.
-pub(super) struct RankTrainer<'a, B: Backend> {
+pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     be: B,
     rank: usize,
     cfg: &'a Config,
     run_dir: &'a Path,
     model: Gpt<B>,
-    units: ShardedUnits<B, LocalComm>,
+    units: ShardedUnits<B, C>,
     opt: AdamW<B>,
     /// The first step this run takes (after the checkpoint it resumed from, or 1).
     start_step: u64,
@@ -50,14 +49,14 @@ pub(super) struct RankTrainer<'a, B: Backend> {
     val_data: ArithmeticCorpus,
 }
 
-impl<'a, B: Backend> RankTrainer<'a, B> {
+impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
     pub(super) fn new(
         be: B,
         rank: usize,
         cfg: &'a Config,
         run_dir: &'a Path,
         plan: ShardPlan,
-        comms: RankComms<LocalComm>,
+        comms: RankComms<C>,
         start: &Start,
     ) -> Result<Self> {
         let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
@@ -394,6 +393,12 @@ impl<'a, B: Backend> RankTrainer<'a, B> {
         for step in first_step..=t.max_steps {
             if faults.fail_rank_at_step == Some((self.rank, step)) {
                 bail!("injected failure at step {step}");
+            }
+            if faults.hang_rank_at_step == Some((self.rank, step)) {
+                tracing::warn!("rank {}: injected hang at step {step}", self.rank);
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
             }
             if lead && step == profile_from {
                 self.be.synchronize()?;

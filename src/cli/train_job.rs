@@ -1,0 +1,329 @@
+//! `shardtrain train`: resolving what to run (a new run, or a checkpoint to resume and where),
+//! then running it with ranks as threads of this process, or as this process's rank of a
+//! multi-process job (launched by `shardtrain launch`, torchrun, srun or mpirun).
+//!
+//! Resolving writes nothing; making the run directory is a separate step, done by the one process
+//! that owns it (rank 0), after every input has been checked.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{render_op_times, run_dir, TrainArgs};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::Config;
+use crate::error::UsageError;
+use crate::launch::env::{from_process_env, RankEnv, RankFlags};
+use crate::shard::memory::mib;
+use crate::train::{self, Start, TrainSummary, CONFIG_FILE};
+
+/// Where the run writes, decided before anything is written.
+enum RunDir {
+    /// A new directory: the one named, or a fresh `runs/<name>-<time>`.
+    New {
+        explicit: Option<PathBuf>,
+        name: String,
+    },
+    /// Continue the checkpoint's own run directory.
+    InPlace(PathBuf),
+}
+
+/// A `train` invocation, resolved.
+struct Job {
+    cfg: Config,
+    start: Start,
+    dir: RunDir,
+    /// The checkpoint resumed from, if any.
+    resume: Option<Arc<Checkpoint>>,
+}
+
+pub(super) fn train_command(args: TrainArgs) -> Result<()> {
+    let rank_env = from_process_env(&RankFlags::default())?;
+    let mut overrides = args.set.clone();
+    if let Some(n) = args.world {
+        overrides.push(format!("parallel.world_size={n}"));
+    }
+    if let Some(env) = &rank_env {
+        // The launcher decides how many ranks there are.
+        overrides.push(format!("parallel.world_size={}", env.world_size));
+    }
+    let Some(job) = resolve(&args, &overrides)? else {
+        return Ok(());
+    };
+    match rank_env {
+        None => {
+            // The device is opened before the run directory exists: a missing GPU leaves nothing.
+            let device = train::device::resolve(job.cfg.device)?;
+            let dir = make_run_dir(&job)?;
+            train::install_stop_signals()?;
+            let s = train::train_on(&device, &job.cfg, &dir, &job.start, &faults_of(&job))?;
+            report(&s, &dir)
+        }
+        Some(env) => train_as_process(&job, &env),
+    }
+}
+
+/// Injected faults (tests of whole jobs): only in a run that starts from scratch, so that a restart
+/// from a checkpoint does not meet the same fault again.
+fn faults_of(job: &Job) -> train::Faults {
+    if job.resume.is_some() {
+        train::Faults::default()
+    } else {
+        train::Faults::from_env()
+    }
+}
+
+/// This process is one rank of a multi-process job: rank 0 makes the run directory and hands its
+/// path to the others at the rendezvous; every rank then trains its shard.
+fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
+    let device = train::device::resolve_on(job.cfg.device, env.local_rank)?;
+    let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
+    let payload = if env.rank == 0 {
+        make_run_dir(job)?.display().to_string().into_bytes()
+    } else {
+        Vec::new()
+    };
+    let joined = crate::launch::join(env, &payload, timeout)?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&joined.payload).into_owned());
+    train::install_stop_signals()?;
+    let summary = train::train_process(
+        &device,
+        &job.cfg,
+        &dir,
+        &job.start,
+        &faults_of(job),
+        &joined.world,
+    )?;
+    match summary {
+        Some(s) => report(&s, &dir),
+        None => Ok(()),
+    }
+}
+
+/// What to run, with every input checked and nothing written. `None` when the invocation only
+/// prints (`--print-config`, `--dry-run`).
+fn resolve(args: &TrainArgs, overrides: &[String]) -> Result<Option<Job>> {
+    if let Some(resume) = &args.resume {
+        return resolve_resume(args, resume, overrides);
+    }
+    let cfg = Config::load(args.config.as_deref(), overrides)?;
+    if args.print_config {
+        print!("{}", cfg.to_yaml());
+        return Ok(None);
+    }
+    if args.dry_run {
+        print!("{}", train::describe_plan(&cfg));
+        return Ok(None);
+    }
+    let name = args
+        .config
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .map_or_else(|| "tiny".to_string(), |s| s.to_string_lossy().into_owned());
+    let start = train::start_of(&cfg, None)?;
+    Ok(Some(Job {
+        cfg,
+        start,
+        dir: RunDir::New {
+            explicit: args.run_dir.clone(),
+            name,
+        },
+        resume: None,
+    }))
+}
+
+/// `train --resume`: the checkpoint's config with the overrides, continued in its run directory
+/// (or a new one).
+fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Result<Option<Job>> {
+    if args.config.is_some() {
+        return Err(UsageError(
+            "--resume takes the config from the checkpoint; change keys with --set (for example \
+             --set train.max_steps=N, or --world N to reshard)"
+                .to_string(),
+        )
+        .into());
+    }
+    let ckpt = if resume == "latest" {
+        let root = args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs"));
+        run_dir::latest_checkpoint(&root)?
+    } else {
+        Checkpoint::resolve(Path::new(resume))?
+    };
+    let origin = ckpt
+        .dir
+        .join(checkpoint::meta::META_FILE)
+        .display()
+        .to_string();
+    let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, overrides)?;
+    if args.print_config {
+        print!("{}", cfg.to_yaml());
+        return Ok(None);
+    }
+    if args.dry_run {
+        print!("{}", train::describe_plan(&cfg));
+        return Ok(None);
+    }
+    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+    ckpt.check_layout(&layout)?;
+    if ckpt.meta.step >= cfg.train.max_steps {
+        return Err(UsageError(format!(
+            "{} is at step {}, train.max_steps is {}: nothing to do (raise it with --set train.max_steps=N)",
+            ckpt.dir.display(),
+            ckpt.meta.step,
+            cfg.train.max_steps
+        ))
+        .into());
+    }
+    let home = run_dir::run_dir_of(&ckpt.dir);
+    // `latest` searches --run-dir (a run, or a directory of runs): the run it finds continues.
+    let explicit = if resume == "latest" {
+        None
+    } else {
+        args.run_dir.clone()
+    };
+    let dir = match explicit {
+        Some(d) if home.as_deref().is_some_and(|h| same_dir(h, &d)) => RunDir::InPlace(d),
+        Some(d) => RunDir::New {
+            explicit: Some(d),
+            name: "resumed".to_string(),
+        },
+        None => RunDir::InPlace(home.ok_or_else(|| {
+            UsageError(format!(
+                "{} is not inside a run directory: name one with --run-dir",
+                ckpt.dir.display()
+            ))
+        })?),
+    };
+    let ckpt = Arc::new(ckpt);
+    Ok(Some(Job {
+        start: Start::Resume(ckpt.clone()),
+        cfg,
+        dir,
+        resume: Some(ckpt),
+    }))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    std::fs::canonicalize(a)
+        .ok()
+        .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
+}
+
+/// Creates (or, resuming in place, prepares) the run directory; the only step that writes.
+fn make_run_dir(job: &Job) -> Result<PathBuf> {
+    let dir = match &job.dir {
+        RunDir::New { explicit, name } => {
+            let d = run_dir::prepare(explicit.clone(), name)?;
+            std::fs::write(d.join(CONFIG_FILE), job.cfg.to_yaml())?;
+            d
+        }
+        RunDir::InPlace(d) => {
+            let ckpt = job
+                .resume
+                .as_ref()
+                .expect("only a resumed run continues in place");
+            // Every file is checked before anything in the run directory changes.
+            ckpt.verify_all()?;
+            set_aside_final_weights(d, ckpt.meta.step)?;
+            // The original config.yaml stays; the config this part runs with goes beside it.
+            let resumed = d.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
+            std::fs::write(&resumed, job.cfg.to_yaml())
+                .with_context(|| format!("writing {}", resumed.display()))?;
+            d.clone()
+        }
+    };
+    match &job.resume {
+        Some(ckpt) => println!(
+            "resuming {} (step {}) in {}",
+            ckpt.dir.display(),
+            ckpt.meta.step,
+            dir.display()
+        ),
+        None => println!("run directory: {}", dir.display()),
+    }
+    Ok(dir)
+}
+
+/// A run continued in place no longer ends with the weights it ended with before: its earlier
+/// `model.safetensors` is renamed (never deleted), so that `export` and `sample` do not take it
+/// for the run's newest weights.
+fn set_aside_final_weights(dir: &Path, step: u64) -> Result<()> {
+    let old = dir.join(train::WEIGHTS_FILE);
+    if !old.exists() {
+        return Ok(());
+    }
+    let aside = dir.join(format!("model.before-resume-from-step-{step}.safetensors"));
+    if aside.exists() {
+        return Err(UsageError(format!(
+            "{} exists and so does {}: move one of them away before resuming in place",
+            old.display(),
+            aside.display()
+        ))
+        .into());
+    }
+    std::fs::rename(&old, &aside)
+        .with_context(|| format!("renaming {} to {}", old.display(), aside.display()))?;
+    println!(
+        "the earlier final weights are kept as {} (this run goes on from step {step})",
+        aside.display()
+    );
+    Ok(())
+}
+
+/// Prints the end-of-run summary.
+fn report(s: &TrainSummary, dir: &Path) -> Result<()> {
+    if let Some(step) = s.stopped_at {
+        let ckpt = s
+            .checkpoint
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        println!("stopped after step {step}; checkpoint: {ckpt}");
+        println!("continue with: shardtrain train --resume {ckpt}");
+        return Ok(());
+    }
+    let val = s
+        .final_val_loss
+        .map(|v| format!(", val_loss {v:.4}"))
+        .unwrap_or_default();
+    println!(
+        "done: {} steps, {} tokens in {:.1}s ({:.0} tokens/s) | loss {:.4} -> {:.4}{val} | {}",
+        s.steps,
+        s.tokens,
+        s.train_seconds,
+        s.tokens_per_s,
+        s.first_loss,
+        s.final_loss,
+        dir.display()
+    );
+    if let Some(peak) = s.device_memory_peak {
+        println!(
+            "device: {} | median step {:.1} ms | peak device memory of rank 0 {}",
+            s.device,
+            s.median_step_seconds * 1e3,
+            mib(peak)
+        );
+    }
+    if !s.op_times.is_empty() {
+        print!("{}", render_op_times(&s.op_times));
+    }
+    let m = &s.memory;
+    println!(
+        "memory of rank 0: master params {} | param shards {} | gathered params (peak) {} | grads {} | optimizer {} | activations {} | total {} (ZeRO model state {} = {})",
+        mib(m.master_params),
+        mib(m.param_shards),
+        mib(m.gathered_params_peak),
+        mib(m.grads),
+        mib(m.optimizer),
+        mib(m.activations),
+        mib(m.total()),
+        s.zero_formula.0,
+        mib(s.zero_formula.1),
+    );
+    Ok(())
+}

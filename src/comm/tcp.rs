@@ -1,0 +1,481 @@
+//! The `tcp` transport: ranks are processes (one per device, or CPU ranks on one machine) joined by
+//! a full mesh of TCP connections, one per pair of ranks. Data goes through host memory: a rank
+//! downloads its buffer, sends it to the peers that need it, and uploads what it receives. It is
+//! the CPU path of `shardtrain launch` and a fallback for tests; it is not meant for production
+//! (NCCL is the GPU transport).
+//!
+//! Semantics are exactly those of the `local` transport (see [`Communicator`]): reductions add in
+//! group-rank order, each partial sum rounded to the destination's dtype, so a job gives the same
+//! bits whichever transport runs it. Every message carries the group, the collective's sequence
+//! number and its signature; a rank receiving something else fails naming both sides. Every read
+//! and write has the collective timeout; a peer that dies closes its sockets, and every rank
+//! waiting on it fails naming it. A failing rank exits, which closes its sockets: no rank hangs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use half::bf16;
+
+use super::{Communicator, PeerFailed, ReduceOp};
+use crate::backend::{Backend, Buffer, DType};
+
+/// Largest message accepted (a guard against garbage on the socket).
+const MAX_MESSAGE: u64 = 1 << 36;
+
+/// One connection to a peer: separate handles for reading and writing, so a rank can send to all
+/// its peers (from helper threads) while it reads.
+struct Link {
+    reader: Mutex<TcpStream>,
+    writer: Mutex<TcpStream>,
+}
+
+/// The mesh of one process: its rank and a link to every other rank.
+pub struct TcpWorld {
+    rank: usize,
+    size: usize,
+    links: Vec<Option<Link>>,
+    timeout: Duration,
+}
+
+/// The first bytes on a mesh connection: who is calling.
+const HELLO: &[u8; 8] = b"st-mesh1";
+
+impl TcpWorld {
+    /// Connects this rank to every other: it dials the ranks below it (at `addrs[j]`, retrying
+    /// until `timeout`) and accepts the ranks above it on `listener` (the socket behind
+    /// `addrs[rank]`).
+    pub fn connect(
+        rank: usize,
+        addrs: &[String],
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<TcpWorld> {
+        let size = addrs.len();
+        let deadline = Instant::now() + timeout;
+        let mut links: Vec<Option<Link>> = (0..size).map(|_| None).collect();
+        for (j, addr) in addrs.iter().enumerate().take(rank) {
+            let mut stream = loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!("rank {rank}: connecting to rank {j} at {addr}: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => bail!(
+                        "rank {rank} could not connect to rank {j} at {addr} within {timeout:?}: {e}"
+                    ),
+                }
+            };
+            stream.write_all(HELLO)?;
+            stream.write_all(&(rank as u64).to_le_bytes())?;
+            links[j] = Some(link(stream, timeout)?);
+        }
+        listener.set_nonblocking(true)?;
+        let mut pending = size - rank - 1;
+        while pending > 0 {
+            match listener.accept() {
+                Ok((mut stream, from)) => {
+                    stream.set_nonblocking(false)?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    let mut hello = [0u8; 16];
+                    if stream.read_exact(&mut hello).is_err() || &hello[..8] != HELLO {
+                        tracing::warn!("rank {rank}: ignoring a stray connection from {from}");
+                        continue;
+                    }
+                    let j = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
+                    if j <= rank || j >= size || links[j].is_some() {
+                        bail!("rank {rank}: a connection from {from} claims to be rank {j}");
+                    }
+                    links[j] = Some(link(stream, timeout)?);
+                    pending -= 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        let missing: Vec<usize> =
+                            (rank + 1..size).filter(|&j| links[j].is_none()).collect();
+                        bail!("rank {rank}: ranks {missing:?} did not connect within {timeout:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e).context("accepting a mesh connection"),
+            }
+        }
+        Ok(TcpWorld {
+            rank,
+            size,
+            links,
+            timeout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// A communicator for the group of global ranks `ranks` (which must contain this rank).
+    pub fn group(self: &Arc<Self>, ranks: &[usize]) -> Result<TcpComm> {
+        let me = ranks
+            .iter()
+            .position(|&r| r == self.rank)
+            .ok_or_else(|| anyhow!("rank {} is not in the group {ranks:?}", self.rank))?;
+        // The group's tag: every member computes the same one from the member list.
+        let tag = ranks.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| {
+            (h ^ r as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        Ok(TcpComm {
+            world: self.clone(),
+            ranks: ranks.to_vec(),
+            me,
+            tag,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    fn link(&self, peer: usize) -> Result<&Link> {
+        self.links
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow!("rank {} has no connection to rank {peer}", self.rank))
+    }
+}
+
+fn link(stream: TcpStream, timeout: Duration) -> Result<Link> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(Link {
+        writer: Mutex::new(stream.try_clone()?),
+        reader: Mutex::new(stream),
+    })
+}
+
+/// One rank's communicator for one group over the mesh.
+pub struct TcpComm {
+    world: Arc<TcpWorld>,
+    ranks: Vec<usize>,
+    me: usize,
+    tag: u64,
+    seq: AtomicU64,
+}
+
+/// What precedes every message: which collective it belongs to.
+struct Header {
+    tag: u64,
+    seq: u64,
+    signature: String,
+    len: u64,
+}
+
+fn write_message(stream: &mut TcpStream, h: &Header, body: &[u8]) -> std::io::Result<()> {
+    let sig = h.signature.as_bytes();
+    let mut head = Vec::with_capacity(32 + sig.len());
+    head.extend_from_slice(&h.tag.to_le_bytes());
+    head.extend_from_slice(&h.seq.to_le_bytes());
+    head.extend_from_slice(&(sig.len() as u64).to_le_bytes());
+    head.extend_from_slice(sig);
+    head.extend_from_slice(&h.len.to_le_bytes());
+    stream.write_all(&head)?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn read_u64(stream: &mut TcpStream) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    stream.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_message(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
+    let tag = read_u64(stream)?;
+    let seq = read_u64(stream)?;
+    let sig_len = read_u64(stream)?;
+    if sig_len > 4096 {
+        return Err(std::io::Error::other("a message header is corrupt"));
+    }
+    let mut sig = vec![0u8; sig_len as usize];
+    stream.read_exact(&mut sig)?;
+    let len = read_u64(stream)?;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other("a message is larger than any buffer"));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    let header = Header {
+        tag,
+        seq,
+        signature: String::from_utf8_lossy(&sig).into_owned(),
+        len,
+    };
+    Ok((header, body))
+}
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Rounds like a store into a buffer of `dtype` (what the backends do).
+fn round(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F32 => x,
+        DType::Bf16 => bf16::from_f32(x).to_f32(),
+    }
+}
+
+/// Sums `pieces` in order, each partial sum rounded to `dtype` (the `local` transport's order and
+/// rounding: copy the first, accumulate the others, then scale for Avg).
+fn reduce(dtype: DType, pieces: &[Vec<f32>], op: ReduceOp) -> Vec<f32> {
+    let mut acc: Vec<f32> = pieces[0].iter().map(|&x| round(dtype, x)).collect();
+    for p in &pieces[1..] {
+        for (a, &x) in acc.iter_mut().zip(p) {
+            *a = round(dtype, *a + x);
+        }
+    }
+    if op == ReduceOp::Avg {
+        let alpha = 1.0 / pieces.len() as f32;
+        for a in &mut acc {
+            *a = round(dtype, alpha * *a);
+        }
+    }
+    acc
+}
+
+fn desc<Buf: Buffer>(b: &Buf) -> String {
+    format!("{} x {}", b.len(), b.dtype())
+}
+
+impl TcpComm {
+    fn label(&self, op: &str, seq: u64) -> String {
+        format!("{op} #{seq} on ranks {:?}", self.ranks)
+    }
+
+    /// One exchange: sends `outgoing[i]` to group rank `i` (none to itself) and returns what
+    /// each group rank sent this one (its own entry is `own`), checking every header.
+    fn exchange(
+        &self,
+        op: &str,
+        signature: &str,
+        outgoing: Vec<Option<Vec<u8>>>,
+        expect_from: &[usize],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let label = self.label(op, seq);
+        let world = &self.world;
+        let timeout = world.timeout;
+        let received = std::thread::scope(|s| -> Result<Vec<Option<Vec<u8>>>> {
+            let mut senders = Vec::new();
+            for (i, body) in outgoing.into_iter().enumerate() {
+                let Some(body) = body else { continue };
+                if i == self.me {
+                    continue;
+                }
+                let peer = self.ranks[i];
+                let link = world.link(peer)?;
+                let header = Header {
+                    tag: self.tag,
+                    seq,
+                    signature: signature.to_string(),
+                    len: body.len() as u64,
+                };
+                let label = &label;
+                senders.push(s.spawn(move || -> Result<()> {
+                    let mut w = link.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                    write_message(&mut w, &header, &body).map_err(|e| {
+                        PeerFailed {
+                            rank: peer,
+                            message: format!(
+                                "{label}: sending to rank {peer} failed ({e}): it has failed or \
+                                 exited"
+                            ),
+                        }
+                        .into()
+                    })
+                }));
+            }
+            let mut got: Vec<Option<Vec<u8>>> = (0..self.ranks.len()).map(|_| None).collect();
+            for &i in expect_from {
+                if i == self.me {
+                    continue;
+                }
+                let peer = self.ranks[i];
+                let link = world.link(peer)?;
+                let mut r = link.reader.lock().unwrap_or_else(PoisonError::into_inner);
+                let blame = |message: String| -> anyhow::Error {
+                    PeerFailed {
+                        rank: peer,
+                        message,
+                    }
+                    .into()
+                };
+                let (h, body) = read_message(&mut r).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        blame(format!(
+                        "{label}: rank {peer} sent nothing within {timeout:?} (it is stuck, or \
+                         called a different collective)"
+                    ))
+                    }
+                    std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe => blame(format!(
+                        "{label}: rank {peer} closed its connection (it failed or exited)"
+                    )),
+                    _ => anyhow!("{label}: reading from rank {peer}: {e}"),
+                })?;
+                if h.tag != self.tag || h.seq != seq || h.signature != signature {
+                    bail!(
+                        "{label}: the ranks called different collectives or gave buffers of \
+                         different lengths or dtypes: rank {peer} sent `{}` (#{}), rank {} called \
+                         `{signature}`",
+                        h.signature,
+                        h.seq,
+                        world.rank
+                    );
+                }
+                let _ = h.len;
+                got[i] = Some(body);
+            }
+            for t in senders {
+                t.join()
+                    .map_err(|_| anyhow!("{label}: a sending thread panicked"))??;
+            }
+            Ok(got)
+        })?;
+        Ok(received)
+    }
+
+    fn everyone(&self) -> Vec<usize> {
+        (0..self.ranks.len()).collect()
+    }
+}
+
+impl Communicator for TcpComm {
+    fn rank(&self) -> usize {
+        self.me
+    }
+
+    fn world_size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn ranks(&self) -> &[usize] {
+        &self.ranks
+    }
+
+    fn all_gather<B: Backend>(&self, be: &B, out: &B::Buf, shard: &B::Buf) -> Result<()> {
+        let n = shard.len();
+        let world = self.ranks.len();
+        if out.len() != n * world {
+            bail!(
+                "all_gather: `out` has {} elements, {world} ranks x a shard of {n} need {}",
+                out.len(),
+                n * world
+            );
+        }
+        let signature = format!("all_gather(out: {}, shard: {})", desc(out), desc(shard));
+        let mine = be.download(shard)?;
+        let bytes = to_bytes(&mine);
+        let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
+        let got = self.exchange("all_gather", &signature, outgoing, &self.everyone())?;
+        let mut full = Vec::with_capacity(n * world);
+        for (i, g) in got.into_iter().enumerate() {
+            match g {
+                Some(b) => full.extend(from_bytes(&b)),
+                None if i == self.me => full.extend_from_slice(&mine),
+                None => bail!("all_gather: nothing from group rank {i}"),
+            }
+        }
+        be.upload(out, &full)
+    }
+
+    fn reduce_scatter<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        full: &B::Buf,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = out.len();
+        let world = self.ranks.len();
+        if full.len() != n * world {
+            bail!(
+                "reduce_scatter: `full` has {} elements, {world} ranks x an `out` of {n} need {}",
+                full.len(),
+                n * world
+            );
+        }
+        let signature = format!(
+            "reduce_scatter(out: {}, full: {}, {op})",
+            desc(out),
+            desc(full)
+        );
+        let values = be.download(full)?;
+        let outgoing = (0..world)
+            .map(|i| Some(to_bytes(&values[i * n..(i + 1) * n])))
+            .collect();
+        let got = self.exchange("reduce_scatter", &signature, outgoing, &self.everyone())?;
+        let pieces: Vec<Vec<f32>> = got
+            .into_iter()
+            .map(|g| match g {
+                Some(b) => from_bytes(&b),
+                None => values[self.me * n..(self.me + 1) * n].to_vec(),
+            })
+            .collect();
+        be.upload(out, &reduce(out.dtype(), &pieces, op))
+    }
+
+    fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {
+        let world = self.ranks.len();
+        let signature = format!("all_reduce(buf: {}, {op})", desc(buf));
+        let mine = be.download(buf)?;
+        let bytes = to_bytes(&mine);
+        let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
+        let got = self.exchange("all_reduce", &signature, outgoing, &self.everyone())?;
+        let pieces: Vec<Vec<f32>> = got
+            .into_iter()
+            .map(|g| g.map_or_else(|| mine.clone(), |b| from_bytes(&b)))
+            .collect();
+        be.upload(buf, &reduce(buf.dtype(), &pieces, op))
+    }
+
+    fn broadcast<B: Backend>(&self, be: &B, buf: &B::Buf, root: usize) -> Result<()> {
+        let world = self.ranks.len();
+        if root >= world {
+            bail!("broadcast: root {root} is not a group rank (the group has {world})");
+        }
+        let signature = format!("broadcast(buf: {}, root {root})", desc(buf));
+        if self.me == root {
+            let bytes = to_bytes(&be.download(buf)?);
+            let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
+            self.exchange("broadcast", &signature, outgoing, &[])?;
+            Ok(())
+        } else {
+            let outgoing = (0..world).map(|_| None).collect();
+            let got = self.exchange("broadcast", &signature, outgoing, &[root])?;
+            let bytes = got[root]
+                .as_ref()
+                .ok_or_else(|| anyhow!("broadcast: nothing from the root"))?;
+            be.upload(buf, &from_bytes(bytes))
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let world = self.ranks.len();
+        let outgoing = (0..world).map(|_| Some(Vec::new())).collect();
+        self.exchange("barrier", "barrier()", outgoing, &self.everyone())?;
+        Ok(())
+    }
+}

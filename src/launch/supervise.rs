@@ -1,0 +1,433 @@
+//! `shardtrain launch`: starts one process per local rank with the environment of [`super::env`],
+//! prefixes their output with the rank, forwards stop signals, and when a rank ends abnormally
+//! stops the others and reports which rank it was and how it ended. With `--max-restarts K`, a
+//! failed `train` job is started again from its newest checkpoint, up to K times.
+//!
+//! Children get their own process group, so a Ctrl-C at the terminal reaches them once, through
+//! the launcher (which turns it into the trainer's "checkpoint and stop"); a second Ctrl-C kills
+//! them at once.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::checkpoint::read::list_checkpoints;
+use crate::comm::PeerFailed;
+use crate::error::UsageError;
+
+/// What `shardtrain launch` was asked to do.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub max_restarts: usize,
+    /// The shardtrain command every rank runs, e.g. `train --config configs/tiny.yaml`.
+    pub command: Vec<String>,
+    /// How long ranks get to stop on their own before they are killed.
+    pub grace: Duration,
+}
+
+/// How one attempt of the job ended.
+#[derive(Debug)]
+enum Outcome {
+    Success,
+    /// A rank ended abnormally: (rank, how).
+    RankFailed(usize, String),
+    /// The user asked to stop (signals).
+    Interrupted(u32),
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}{}", signal_name(s)),
+        _ => "an unknown status".to_string(),
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => " (SIGKILL: killed, out of memory?)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGINT => " (SIGINT)",
+        _ => "",
+    }
+}
+
+fn send_signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned (and have not reaped) has no memory effects.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` in `args`.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == flag {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix(&eq).map(str::to_string)
+        }
+    })
+}
+
+/// `args` without `--flag VALUE` / `--flag=VALUE`.
+fn without_flag(args: &[String], flag: &str) -> Vec<String> {
+    let eq = format!("{flag}=");
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if a == flag {
+            skip = true;
+        } else if !a.starts_with(&eq) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// A `train` command gets an explicit run directory, so every rank and every restart agree on it.
+fn with_run_dir(command: &[String]) -> (Vec<String>, Option<PathBuf>) {
+    if command.first().map(String::as_str) != Some("train") {
+        return (command.to_vec(), None);
+    }
+    if let Some(dir) = flag_value(command, "--run-dir") {
+        return (command.to_vec(), Some(PathBuf::from(dir)));
+    }
+    if let Some(r) = flag_value(command, "--resume") {
+        if r != "latest" {
+            return (command.to_vec(), None);
+        }
+    }
+    let name = flag_value(command, "--config")
+        .and_then(|c| {
+            Path::new(&c)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "tiny".to_string());
+    let dir = crate::cli::run_dir::fresh_default(&name);
+    let mut cmd = command.to_vec();
+    cmd.push("--run-dir".into());
+    cmd.push(dir.display().to_string());
+    (cmd, Some(dir))
+}
+
+/// The command of a restart: resume from the newest checkpoint of `run_dir`, or start again from
+/// scratch (the failed attempt's directory set aside) when there is none.
+fn restart_command(command: &[String], run_dir: &Path, attempt: usize) -> Result<Vec<String>> {
+    let has_checkpoint = !list_checkpoints(&run_dir.join("checkpoints"))?.is_empty();
+    if has_checkpoint {
+        let mut cmd = without_flag(&without_flag(command, "--config"), "--resume");
+        cmd.push("--resume".into());
+        cmd.push(run_dir.display().to_string());
+        return Ok(cmd);
+    }
+    if run_dir.exists() {
+        let aside = PathBuf::from(format!("{}.failed-{attempt}", run_dir.display()));
+        std::fs::rename(run_dir, &aside)
+            .with_context(|| format!("setting aside {}", run_dir.display()))?;
+        eprintln!(
+            "launch: no checkpoint yet: starting again from scratch ({} kept as {})",
+            run_dir.display(),
+            aside.display()
+        );
+    }
+    Ok(command.to_vec())
+}
+
+/// Forwards each line of `from` to our stdout or stderr, prefixed with the rank.
+fn relay(from: impl std::io::Read + Send + 'static, rank: usize, to_stderr: bool) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            if to_stderr {
+                let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
+            } else {
+                let _ = writeln!(std::io::stdout().lock(), "[rank {rank}] {line}");
+            }
+        }
+    });
+}
+
+/// Runs the job, restarting it as allowed; returns the process exit code.
+pub fn launch(opts: &LaunchOptions) -> Result<i32> {
+    if opts.nproc_per_node == 0 || opts.nnodes == 0 {
+        return Err(UsageError("--nproc-per-node and --nnodes must be at least 1".into()).into());
+    }
+    if opts.node_rank >= opts.nnodes {
+        return Err(UsageError(format!(
+            "--node-rank {} is not below --nnodes {}",
+            opts.node_rank, opts.nnodes
+        ))
+        .into());
+    }
+    if opts.command.is_empty() {
+        return Err(UsageError(
+            "nothing to launch: give the command after `--`, e.g. `shardtrain launch \
+             --nproc-per-node 2 -- train`"
+                .into(),
+        )
+        .into());
+    }
+    if opts.max_restarts > 0 && opts.nnodes > 1 {
+        return Err(UsageError(
+            "--max-restarts works on one node (--nnodes 1) for now: with several nodes, restart \
+             the job with `train --resume latest` on every node"
+                .into(),
+        )
+        .into());
+    }
+    let signals = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let s = signals.clone();
+        // SAFETY: the handler only increments an atomic counter.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                s.fetch_add(1, Ordering::SeqCst);
+            })
+        }
+        .context("installing the signal handler")?;
+    }
+    let (mut command, run_dir) = with_run_dir(&opts.command);
+    let run_id = format!(
+        "{:x}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let mut attempt = 0;
+    loop {
+        match run_attempt(opts, &command, &run_id, attempt, &signals)? {
+            Outcome::Success => return Ok(0),
+            Outcome::Interrupted(n) => {
+                return Ok(if n > 1 { 130 } else { 0 });
+            }
+            Outcome::RankFailed(rank, how) => {
+                eprintln!("launch: rank {rank} failed ({how}); the other ranks were stopped");
+                if attempt >= opts.max_restarts {
+                    if opts.max_restarts > 0 {
+                        eprintln!("launch: no restarts left ({} used)", opts.max_restarts);
+                    }
+                    return Ok(1);
+                }
+                attempt += 1;
+                let Some(dir) = &run_dir else {
+                    bail!("launch: only `train` jobs can be restarted");
+                };
+                command = restart_command(&opts.command_with(dir), dir, attempt)?;
+                eprintln!(
+                    "launch: restart {attempt} of {}: {}",
+                    opts.max_restarts,
+                    command.join(" ")
+                );
+            }
+        }
+    }
+}
+
+impl LaunchOptions {
+    /// The original command with the run directory made explicit.
+    fn command_with(&self, run_dir: &Path) -> Vec<String> {
+        let mut cmd = without_flag(&self.command, "--run-dir");
+        cmd.push("--run-dir".into());
+        cmd.push(run_dir.display().to_string());
+        cmd
+    }
+}
+
+/// Starts every local rank and supervises them until all succeed, one fails, or a signal.
+fn run_attempt(
+    opts: &LaunchOptions,
+    command: &[String],
+    run_id: &str,
+    attempt: usize,
+    signals: &AtomicUsize,
+) -> Result<Outcome> {
+    let exe = std::env::current_exe().context("finding the shardtrain executable")?;
+    let world = opts.nproc_per_node * opts.nnodes;
+    let mut children: Vec<(usize, Child)> = Vec::new();
+    for local in 0..opts.nproc_per_node {
+        let rank = opts.node_rank * opts.nproc_per_node + local;
+        let mut cmd = Command::new(&exe);
+        cmd.args(command)
+            .env("SHARDTRAIN_RANK", rank.to_string())
+            .env("SHARDTRAIN_WORLD_SIZE", world.to_string())
+            .env("SHARDTRAIN_LOCAL_RANK", local.to_string())
+            .env(
+                "SHARDTRAIN_LOCAL_WORLD_SIZE",
+                opts.nproc_per_node.to_string(),
+            )
+            .env("MASTER_ADDR", &opts.master_addr)
+            .env("MASTER_PORT", opts.master_port.to_string())
+            .env("SHARDTRAIN_RUN_ID", format!("{run_id}-{attempt}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+        if let Some(out) = child.stdout.take() {
+            relay(out, rank, false);
+        }
+        if let Some(err) = child.stderr.take() {
+            relay(err, rank, true);
+        }
+        children.push((rank, child));
+    }
+    let mut forwarded = 0;
+    // Every rank that ended abnormally, in the order seen: (rank, status, after our own signal).
+    let mut failures: Vec<(usize, ExitStatus, bool)> = Vec::new();
+    // After a failure: when the survivors get SIGKILL, and whether they had their SIGTERM.
+    let mut stopping: Option<(Instant, bool)> = None;
+    let mut running: Vec<bool> = vec![true; children.len()];
+    let signal_running = |children: &[(usize, Child)], running: &[bool], sig: i32| {
+        for (i, (_, c)) in children.iter().enumerate() {
+            if running[i] {
+                send_signal(c, sig);
+            }
+        }
+    };
+    loop {
+        let seen = signals.load(Ordering::SeqCst);
+        if seen > forwarded {
+            forwarded = seen;
+            // The first signal asks for a checkpoint and a clean stop; the next ones kill.
+            let sig = if seen == 1 {
+                libc::SIGINT
+            } else {
+                libc::SIGKILL
+            };
+            signal_running(&children, &running, sig);
+        }
+        for (i, (rank, c)) in children.iter_mut().enumerate() {
+            if !running[i] {
+                continue;
+            }
+            if let Some(status) = c.try_wait()? {
+                running[i] = false;
+                if !status.success() {
+                    // Killed by a signal we sent: a consequence, not a cause.
+                    let ours = status.signal().is_some()
+                        && (forwarded > 0 || stopping.is_some_and(|(_, termed)| termed));
+                    failures.push((*rank, status, ours));
+                    if stopping.is_none() {
+                        stopping = Some((Instant::now() + opts.grace, false));
+                    }
+                }
+            }
+        }
+        if let Some((kill_at, termed)) = &mut stopping {
+            // The survivors usually fail on their own (their collectives with the dead rank
+            // break); SIGTERM asks the rest to stop, SIGKILL ends whoever is left.
+            if !*termed {
+                signal_running(&children, &running, libc::SIGTERM);
+                *termed = true;
+            } else if Instant::now() >= *kill_at {
+                signal_running(&children, &running, libc::SIGKILL);
+            }
+        }
+        if running.iter().all(|r| !r) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the relay threads print the last lines.
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(match root_cause(&failures) {
+        Some(_) if forwarded > 1 => Outcome::Interrupted(forwarded as u32),
+        Some((rank, how)) => Outcome::RankFailed(rank, how),
+        None if forwarded > 0 => Outcome::Interrupted(forwarded as u32),
+        None => Outcome::Success,
+    })
+}
+
+/// The rank to blame among those that ended abnormally: the first that failed on its own (not
+/// with [`PeerFailed::EXIT_CODE`], "another rank failed", and not after our own stop signal);
+/// else the first one seen.
+fn root_cause(failures: &[(usize, ExitStatus, bool)]) -> Option<(usize, String)> {
+    let own = failures.iter().find(|(_, status, after_signal)| {
+        !after_signal && status.code() != Some(i32::from(PeerFailed::EXIT_CODE))
+    });
+    own.or(failures.first())
+        .map(|(rank, status, _)| (*rank, describe(*status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_are_found_and_removed_in_both_spellings() {
+        let a = v(&["train", "--config", "c.yaml", "--run-dir=r", "--set", "x=1"]);
+        assert_eq!(flag_value(&a, "--config").as_deref(), Some("c.yaml"));
+        assert_eq!(flag_value(&a, "--run-dir").as_deref(), Some("r"));
+        assert_eq!(
+            without_flag(&without_flag(&a, "--config"), "--run-dir"),
+            v(&["train", "--set", "x=1"])
+        );
+    }
+
+    #[test]
+    fn a_train_command_gets_one_run_directory() {
+        let (cmd, dir) = with_run_dir(&v(&["train", "--config", "configs/gpt2-124m.yaml"]));
+        let dir = dir.unwrap();
+        assert!(dir.starts_with("runs") && dir.to_string_lossy().contains("gpt2-124m"));
+        assert_eq!(
+            flag_value(&cmd, "--run-dir"),
+            Some(dir.display().to_string())
+        );
+        let (cmd, dir) = with_run_dir(&v(&["check", "--device", "cpu"]));
+        assert_eq!((cmd, dir), (v(&["check", "--device", "cpu"]), None));
+    }
+
+    #[test]
+    fn a_restart_resumes_from_the_newest_checkpoint_or_starts_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(run.join("checkpoints/step-00000004")).unwrap();
+        std::fs::write(run.join("checkpoints/step-00000004/meta.json"), "{}").unwrap();
+        let cmd = v(&[
+            "train",
+            "--config",
+            "c.yaml",
+            "--set",
+            "a=1",
+            "--run-dir",
+            "R",
+        ]);
+        let r = restart_command(&cmd, &run, 1).unwrap();
+        assert_eq!(flag_value(&r, "--config"), None);
+        assert_eq!(flag_value(&r, "--resume"), Some(run.display().to_string()));
+        assert!(r.contains(&"a=1".to_string()));
+
+        let fresh = tmp.path().join("fresh");
+        std::fs::create_dir_all(&fresh).unwrap();
+        std::fs::write(fresh.join("metrics.jsonl"), "").unwrap();
+        let r = restart_command(&cmd, &fresh, 2).unwrap();
+        assert_eq!(r, cmd);
+        assert!(!fresh.exists());
+        assert!(tmp.path().join("fresh.failed-2/metrics.jsonl").exists());
+    }
+}
