@@ -91,6 +91,12 @@ check "world 4 = world 1 (gpu)" compare "tiny f32 on the gpu, world 4 vs world 1
 quiet_train "$OUT/tiny-gpu-w4-hybrid" "${TINY[@]}" --set device=cuda --world 4 --set parallel.strategy=hybrid_shard --set parallel.shard_group_size=2
 check "world 4 hybrid = world 1 (gpu)" compare "tiny f32 on the gpu, world 4 hybrid_shard vs world 1" "$OUT/tiny-gpu-w4-hybrid/summary.json" "$OUT/tiny-gpu/summary.json" 1e-5 2e-2
 
+note "3b. NCCL through the launcher (world 1: NCCL refuses two ranks on one GPU)"
+rm -rf "$OUT/tiny-nccl"
+"$BIN" launch --nproc-per-node 1 --master-port 29533 -- train --run-dir "$OUT/tiny-nccl" "${TINY[@]}" \
+    --set device=cuda --set logging.progress=plain --set logging.every_steps=1000 | grep -E "done:" || true
+check "nccl world 1 = local world 1 (gpu)" compare "tiny f32 on the gpu, NCCL launch vs threads" "$OUT/tiny-nccl/summary.json" "$OUT/tiny-gpu/summary.json" 1e-5 2e-2
+
 note "4. GPT-2 124M, micro-batch 16 x 1024, bf16, full_shard world 1"
 STEPS=${GPT2_STEPS:-30}
 quiet_train "$OUT/gpt2" --config configs/gpt2-124m.yaml --set device=cuda \

@@ -52,7 +52,7 @@ impl std::fmt::Display for DType {
 }
 
 /// What every backend buffer handle can tell about itself.
-pub trait Buffer: Clone + Send + Sync + Debug {
+pub trait Buffer: Clone + Send + Sync + Debug + 'static {
     /// Number of elements in this view.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -129,7 +129,7 @@ pub trait Backend: Send + Sync + 'static {
     type Ids: Send + Sync + Debug;
     /// A point in this backend's queue of work (a CUDA event), used to order work between
     /// queues without blocking the host: see [`Backend::record_event`].
-    type Event: Clone + Send + Sync + Debug;
+    type Event: Clone + Send + Sync + Debug + 'static;
 
     /// Human-readable device name, for logs and summaries.
     fn name(&self) -> String;

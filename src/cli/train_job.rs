@@ -5,6 +5,7 @@
 //! Resolving writes nothing; making the run directory is a separate step, done by the one process
 //! that owns it (rank 0), after every input has been checked.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,15 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{render_op_times, run_dir, TrainArgs};
+use crate::backend::cuda::CudaBackend;
 use crate::checkpoint::{self, Checkpoint};
+use crate::comm::nccl::{self, NcclComm};
 use crate::config::Config;
 use crate::error::UsageError;
 use crate::launch::env::{from_process_env, RankEnv, RankFlags};
 use crate::shard::memory::mib;
+use crate::shard::{RankComms, ShardPlan};
+use crate::train::device::Device;
 use crate::train::{self, Start, TrainSummary, CONFIG_FILE};
 
 /// Where the run writes, decided before anything is written.
@@ -75,27 +80,74 @@ fn faults_of(job: &Job) -> train::Faults {
     }
 }
 
-/// This process is one rank of a multi-process job: rank 0 makes the run directory and hands its
-/// path to the others at the rendezvous; every rank then trains its shard.
+/// What rank 0 hands every rank at the rendezvous.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JobPayload {
+    run_dir: PathBuf,
+    /// NCCL unique ids by group (its ranks, comma-separated), when the ranks run on GPUs.
+    nccl_ids: Option<BTreeMap<String, Vec<u8>>>,
+}
+
+fn group_key(ranks: &[usize]) -> String {
+    ranks
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// This process is one rank of a multi-process job: rank 0 makes the run directory (and, on GPUs,
+/// draws an NCCL id per group) and hands them to the others at the rendezvous; every rank then
+/// trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
 fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
     let device = train::device::resolve_on(job.cfg.device, env.local_rank)?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
+    let plan = ShardPlan::new(&job.cfg.parallel);
+    let gpu = matches!(device, Device::Cuda(_));
     let payload = if env.rank == 0 {
-        make_run_dir(job)?.display().to_string().into_bytes()
+        let nccl_ids = if gpu {
+            let mut ids = BTreeMap::new();
+            let world: Vec<usize> = (0..plan.world_size).collect();
+            for group in std::iter::once(world)
+                .chain(plan.all_shard_groups())
+                .chain(plan.all_replica_groups())
+            {
+                ids.insert(group_key(&group), nccl::new_unique_id()?);
+            }
+            Some(ids)
+        } else {
+            None
+        };
+        let run_dir = make_run_dir(job)?;
+        serde_json::to_vec(&JobPayload { run_dir, nccl_ids })?
     } else {
         Vec::new()
     };
     let joined = crate::launch::join(env, &payload, timeout)?;
-    let dir = PathBuf::from(String::from_utf8_lossy(&joined.payload).into_owned());
+    let payload: JobPayload = serde_json::from_slice(&joined.payload)
+        .context("reading what rank 0 handed out at the rendezvous")?;
+    let dir = payload.run_dir;
     train::install_stop_signals()?;
-    let summary = train::train_process(
-        &device,
-        &job.cfg,
-        &dir,
-        &job.start,
-        &faults_of(job),
-        &joined.world,
-    )?;
+    let faults = faults_of(job);
+    let summary = match (&device, &payload.nccl_ids) {
+        (Device::Cuda(gpu), Some(ids)) => {
+            let be = CudaBackend::new(gpu)?;
+            let rank = env.rank;
+            let comm = |group: Vec<usize>| -> Result<NcclComm> {
+                let id = ids
+                    .get(&group_key(&group))
+                    .ok_or_else(|| anyhow::anyhow!("no NCCL id for the group {group:?}"))?;
+                NcclComm::init(&be, &group, rank, id, timeout)
+            };
+            let comms = RankComms {
+                world: comm((0..plan.world_size).collect())?,
+                shard: comm(plan.shard_group(rank))?,
+                replica: comm(plan.replica_group(rank))?,
+            };
+            train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms)?
+        }
+        _ => train::train_process(&device, &job.cfg, &dir, &job.start, &faults, &joined.world)?,
+    };
     match summary {
         Some(s) => report(&s, &dir),
         None => Ok(()),

@@ -3,6 +3,7 @@
 //! only through the Backend's own ops, so a transport serves any backend whose buffers it can reach.
 
 pub mod local;
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 

@@ -25,10 +25,11 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::OpTime;
+use crate::backend::{Backend, OpTime};
 use crate::checkpoint::Checkpoint;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
 use crate::comm::tcp::TcpWorld;
+use crate::comm::Communicator;
 use crate::config::Config;
 use crate::error::UsageError;
 use crate::model::init::init_tensor;
@@ -286,9 +287,9 @@ pub fn train_on(
         .ok_or_else(|| anyhow!("rank 0 returned no summary"))
 }
 
-/// This process's rank of a multi-process job (`shardtrain launch`, torchrun, srun, mpirun), its
-/// peers reached through `world`; returns the summary on rank 0. The device is this process's own
-/// (the CPU, or its local GPU).
+/// This process's rank of a multi-process job (`shardtrain launch`, torchrun, srun, mpirun) over
+/// the TCP mesh `world`; returns the summary on rank 0. The device is this process's own (the CPU,
+/// or its local GPU, then with data staged through the host: NCCL is the GPU transport).
 pub fn train_process(
     device: &Device,
     cfg: &Config,
@@ -312,27 +313,40 @@ pub fn train_process(
         replica: world.group(&plan.replica_group(rank))?,
     };
     match device {
-        Device::Cpu => RankTrainer::new(
+        Device::Cpu => train_rank(
             CpuBackend::<f32>::new(),
             rank,
             cfg,
             run_dir,
-            plan,
-            comms,
             start,
-        )?
-        .run(faults),
-        Device::Cuda(gpu) => RankTrainer::new(
+            faults,
+            comms,
+        ),
+        Device::Cuda(gpu) => train_rank(
             CudaBackend::new(gpu)?,
             rank,
             cfg,
             run_dir,
-            plan,
-            comms,
             start,
-        )?
-        .run(faults),
+            faults,
+            comms,
+        ),
     }
+}
+
+/// One rank's training with the backend and communicators given (the building block of every
+/// way ranks are run); returns the summary on rank 0.
+pub fn train_rank<B: Backend, C: Communicator>(
+    be: B,
+    rank: usize,
+    cfg: &Config,
+    run_dir: &Path,
+    start: &Start,
+    faults: &Faults,
+    comms: RankComms<C>,
+) -> Result<Option<TrainSummary>> {
+    let plan = ShardPlan::new(&cfg.parallel);
+    RankTrainer::new(be, rank, cfg, run_dir, plan, comms, start)?.run(faults)
 }
 
 /// Every rank's communicators: the whole world, its shard group, its replica group.

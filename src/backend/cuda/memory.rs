@@ -138,6 +138,11 @@ impl Buffer for CudaBuf {
 }
 
 impl CudaBuf {
+    /// Device address of the first element (for other CUDA libraries, e.g. NCCL).
+    pub fn device_address(&self) -> u64 {
+        self.ptr()
+    }
+
     /// Device address of the first element.
     pub(super) fn ptr(&self) -> u64 {
         self.mem.ptr() + (self.offset * self.dtype.size_bytes()) as u64

@@ -51,6 +51,13 @@ pub struct CudaBackend {
 #[derive(Clone)]
 pub struct CudaMark(Arc<CudaEvent>);
 
+impl CudaMark {
+    /// Whether the work before the mark has finished (false also on a device error).
+    pub fn is_complete(&self) -> bool {
+        self.0.is_complete()
+    }
+}
+
 impl std::fmt::Debug for CudaMark {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CudaMark")
@@ -167,6 +174,16 @@ impl CudaBackend {
 
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
+    }
+
+    /// This backend's CUDA stream, for other CUDA libraries (NCCL) to issue work on.
+    pub fn raw_stream(&self) -> cudarc::driver::sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    /// Makes the device's context current on this thread (before calling other CUDA libraries).
+    pub fn bind_context(&self) -> Result<()> {
+        self.bind()
     }
 
     fn bind(&self) -> Result<()> {
