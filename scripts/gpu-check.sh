@@ -120,6 +120,9 @@ for t in s["op_times"]:
 print(f"{'(sum of op times)':<22}{'':>8}{total / steps:>10.2f}")
 EOF
 
+note "6. collective bandwidth: 4 ranks sharing the GPU (device-to-device copies), for reference"
+"$BIN" bench comm --device cuda --world 4 --max-bytes 256M --iters 5 || FAILED+=("bench comm")
+
 if [ "${SKIP_ANCHOR:-0}" != 1 ]; then
     note "5. PyTorch anchor on the same card (eager, torch.compile)"
     anchor=gpu-bin/torch_gpt2_anchor.py

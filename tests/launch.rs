@@ -306,3 +306,57 @@ fn ctrl_c_on_the_launcher_checkpoints_every_rank_and_exits_0() {
         .join("rank-00001.safetensors")
         .is_file());
 }
+
+#[test]
+fn bench_comm_runs_under_the_launcher_and_with_threads() {
+    let port = free_port();
+    let out = shardtrain(
+        &[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--",
+            "bench",
+            "comm",
+            "--device",
+            "cpu",
+            "--max-bytes",
+            "64K",
+            "--iters",
+            "2",
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("[rank 0] tcp (cpu), 2 ranks"), "{stdout}");
+    for op in ["all_gather", "reduce_scatter", "all_reduce"] {
+        // Rows: `[rank 0] SIZE OP TIME ALGBW BUSBW`.
+        let rows = stdout
+            .lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(op))
+            .count();
+        assert_eq!(rows, 4, "{op} at 1K, 4K, 16K, 64K: {stdout}");
+    }
+    let out = shardtrain(
+        &[
+            "bench",
+            "comm",
+            "--device",
+            "cpu",
+            "--world",
+            "3",
+            "--max-bytes",
+            "4K",
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("local (threads on cpu), 3 ranks"),
+        "{stdout}"
+    );
+}

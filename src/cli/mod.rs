@@ -2,6 +2,7 @@
 //! failures to exit codes (2: bad input, the user must change something; 1: the run failed).
 //! Knows which subcommand calls which layer, and nothing of how training works.
 
+mod bench;
 pub mod run_dir;
 mod train_job;
 
@@ -43,6 +44,11 @@ enum Command {
     /// Run a command as a multi-process job: one process per rank on this node (CPU ranks, or
     /// one per GPU), e.g. `shardtrain launch --nproc-per-node 2 -- train --config c.yaml`.
     Launch(LaunchArgs),
+    /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Inspect checkpoints: `shardtrain ckpt inspect PATH`.
     Ckpt {
         #[command(subcommand)]
@@ -82,6 +88,14 @@ struct LaunchArgs {
     /// The shardtrain command every rank runs (after `--`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// all_gather, reduce_scatter and all_reduce bandwidth over sizes: with ranks as threads
+    /// (`--world N`), or under `shardtrain launch` / torchrun / srun as processes (TCP on the
+    /// CPU, NCCL on GPUs).
+    Comm(bench::BenchCommArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +233,9 @@ fn try_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(args) => export_command(args),
+        Command::Bench {
+            command: BenchCommand::Comm(args),
+        } => bench::bench_comm(args),
     }
 }
 
