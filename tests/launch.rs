@@ -360,3 +360,49 @@ fn bench_comm_runs_under_the_launcher_and_with_threads() {
         "{stdout}"
     );
 }
+
+#[test]
+fn min_nproc_continues_on_fewer_ranks_from_the_resharded_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "train.global_batch_size=24",
+        "--set",
+        "checkpoint.every_steps=2",
+    ];
+    let whole = tmp.path().join("whole");
+    let out = launch(&whole, 3, &extra, &[], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let run = tmp.path().join("run");
+    let out = launch(
+        &run,
+        3,
+        &extra,
+        &["--max-restarts", "1", "--min-nproc", "2", "--grace-s", "5"],
+        &[("SHARDTRAIN_FAULT", "fail:2:5")],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "launch: continuing on 2 ranks without slot 2 (rank 2 ended with exit status 1)"
+        ),
+        "{stderr}"
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("world 2 now"), "{stdout}");
+    // Steps 1-4 ran on 3 ranks, 5-8 on 2 from the step-4 checkpoint: every step once, and the
+    // losses of the 3-rank run that never failed (sharded = unsharded, to f32 rounding).
+    let (a, b) = (metric_losses(&run), metric_losses(&whole));
+    assert_eq!(a.len(), 8);
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb.abs(),
+            "step {sa}: {la} vs {lb}"
+        );
+    }
+}

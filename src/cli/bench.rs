@@ -88,7 +88,7 @@ pub(super) fn bench_comm(args: BenchCommArgs) -> Result<()> {
     };
     let timeout = Duration::from_secs_f64(args.timeout_s);
     if let Some(env) = from_process_env(&RankFlags::default())? {
-        let device = resolve_on(args.device, env.local_rank)?;
+        let device = resolve_on(args.device, crate::launch::device_ordinal(&env))?;
         let all: Vec<usize> = (0..env.world_size).collect();
         let payload = match (&device, env.rank) {
             (Device::Cuda(_), 0) => new_unique_id()?,

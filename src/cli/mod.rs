@@ -82,6 +82,11 @@ struct LaunchArgs {
     /// When a rank fails, start every rank again from the newest checkpoint, up to K times.
     #[arg(long, default_value_t = 0, value_name = "K")]
     max_restarts: usize,
+    /// With --max-restarts: after a failure, go on without the failed rank (and its GPU) while at
+    /// least M ranks remain; the checkpoint reshards to the smaller world (global_batch_size must
+    /// still divide).
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    min_nproc: usize,
     /// Seconds the surviving ranks get to stop on their own after one fails, before SIGKILL.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     grace_s: f64,
@@ -247,6 +252,7 @@ fn launch_command(args: LaunchArgs) -> Result<()> {
         master_addr: args.master_addr,
         master_port: args.master_port,
         max_restarts: args.max_restarts,
+        min_nproc: args.min_nproc,
         command: args.command,
         grace: std::time::Duration::from_secs_f64(args.grace_s.max(0.0)),
     };

@@ -100,7 +100,7 @@ fn group_key(ranks: &[usize]) -> String {
 /// draws an NCCL id per group) and hands them to the others at the rendezvous; every rank then
 /// trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
 fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
-    let device = train::device::resolve_on(job.cfg.device, env.local_rank)?;
+    let device = train::device::resolve_on(job.cfg.device, crate::launch::device_ordinal(env))?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
     let plan = ShardPlan::new(&job.cfg.parallel);
     let gpu = matches!(device, Device::Cuda(_));

@@ -14,6 +14,15 @@ use crate::comm::rendezvous::{rendezvous, RendezvousConfig};
 use crate::comm::tcp::TcpWorld;
 use env::RankEnv;
 
+/// The GPU this process uses: the slot `shardtrain launch` gave it (it skips slots of ranks it
+/// dropped after failures, `--min-nproc`), else its local rank.
+pub fn device_ordinal(env: &RankEnv) -> usize {
+    std::env::var("SHARDTRAIN_DEVICE_ORDINAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(env.local_rank)
+}
+
 /// This process, joined to its job.
 pub struct Joined {
     /// The connections to every other rank.

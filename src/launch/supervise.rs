@@ -30,6 +30,9 @@ pub struct LaunchOptions {
     pub master_addr: String,
     pub master_port: u16,
     pub max_restarts: usize,
+    /// On a restart after a failure, go on without the failed rank's slot (its GPU) while at
+    /// least this many ranks remain; 0 keeps every slot.
+    pub min_nproc: usize,
     /// The shardtrain command every rank runs, e.g. `train --config configs/tiny.yaml`.
     pub command: Vec<String>,
     /// How long ranks get to stop on their own before they are killed.
@@ -213,8 +216,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
             .map_or(0, |d| d.as_nanos())
     );
     let mut attempt = 0;
+    // The device slot (GPU ordinal) of each local rank; a restart may drop the failed one.
+    let mut slots: Vec<usize> = (0..opts.nproc_per_node).collect();
     loop {
-        match run_attempt(opts, &command, &run_id, attempt, &signals)? {
+        match run_attempt(opts, &slots, &command, &run_id, attempt, &signals)? {
             Outcome::Success => return Ok(0),
             Outcome::Interrupted(n) => {
                 return Ok(if n > 1 { 130 } else { 0 });
@@ -232,6 +237,15 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
                     bail!("launch: only `train` jobs can be restarted");
                 };
                 command = restart_command(&opts.command_with(dir), dir, attempt)?;
+                if opts.min_nproc > 0 && slots.len() > opts.min_nproc.max(1) {
+                    let local = rank - opts.node_rank * slots.len();
+                    let lost = slots.remove(local.min(slots.len() - 1));
+                    eprintln!(
+                        "launch: continuing on {} ranks without slot {lost} (rank {rank} ended with \
+                         {how}); the checkpoint reshards to the new world size",
+                        slots.len()
+                    );
+                }
                 eprintln!(
                     "launch: restart {attempt} of {}: {}",
                     opts.max_restarts,
@@ -255,25 +269,25 @@ impl LaunchOptions {
 /// Starts every local rank and supervises them until all succeed, one fails, or a signal.
 fn run_attempt(
     opts: &LaunchOptions,
+    slots: &[usize],
     command: &[String],
     run_id: &str,
     attempt: usize,
     signals: &AtomicUsize,
 ) -> Result<Outcome> {
     let exe = std::env::current_exe().context("finding the shardtrain executable")?;
-    let world = opts.nproc_per_node * opts.nnodes;
+    let nproc = slots.len();
+    let world = nproc * opts.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    for local in 0..opts.nproc_per_node {
-        let rank = opts.node_rank * opts.nproc_per_node + local;
+    for (local, slot) in slots.iter().enumerate() {
+        let rank = opts.node_rank * nproc + local;
         let mut cmd = Command::new(&exe);
         cmd.args(command)
             .env("SHARDTRAIN_RANK", rank.to_string())
             .env("SHARDTRAIN_WORLD_SIZE", world.to_string())
             .env("SHARDTRAIN_LOCAL_RANK", local.to_string())
-            .env(
-                "SHARDTRAIN_LOCAL_WORLD_SIZE",
-                opts.nproc_per_node.to_string(),
-            )
+            .env("SHARDTRAIN_LOCAL_WORLD_SIZE", nproc.to_string())
+            .env("SHARDTRAIN_DEVICE_ORDINAL", slot.to_string())
             .env("MASTER_ADDR", &opts.master_addr)
             .env("MASTER_PORT", opts.master_port.to_string())
             .env("SHARDTRAIN_RUN_ID", format!("{run_id}-{attempt}"))
