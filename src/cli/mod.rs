@@ -142,7 +142,7 @@ enum CheckDevice {
 }
 
 #[derive(Debug, Args)]
-struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// YAML config file. Without it, the built-in default job (configs/tiny.yaml) runs.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -169,6 +169,16 @@ struct TrainArgs {
     /// The run continues in the checkpoint's run directory unless --run-dir names another.
     #[arg(long, value_name = "PATH|latest")]
     resume: Option<String>,
+    /// This process's rank in a multi-process job started by hand (with --world as the number of
+    /// processes); wins over launcher variables (RANK, SLURM_PROCID, ...).
+    #[arg(long, value_name = "R")]
+    rank: Option<usize>,
+    /// Rank 0's address for a multi-process job (wins over MASTER_ADDR).
+    #[arg(long, value_name = "HOST")]
+    master_addr: Option<String>,
+    /// Rank 0's rendezvous port (wins over MASTER_PORT).
+    #[arg(long, value_name = "PORT")]
+    master_port: Option<u16>,
 }
 
 #[derive(Debug, Args)]

@@ -45,7 +45,15 @@ struct Job {
 }
 
 pub(super) fn train_command(args: TrainArgs) -> Result<()> {
-    let rank_env = from_process_env(&RankFlags::default())?;
+    // Explicit flags win over launcher variables; --world is the process count once --rank is set.
+    let flags = RankFlags {
+        rank: args.rank,
+        world_size: args.rank.and(args.world),
+        local_rank: None,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+    };
+    let rank_env = from_process_env(&flags)?;
     let mut overrides = args.set.clone();
     if let Some(n) = args.world {
         overrides.push(format!("parallel.world_size={n}"));

@@ -31,7 +31,7 @@
 //!    is one process either way.
 //!
 //! After the launcher, [`RankFlags`] override field by field; flags alone (`--rank` and
-//! `--world-size`, with `--master-addr` / `--master-port` as needed) describe a job by hand
+//! `--world`, with `--master-addr` / `--master-port` as needed) describe a job by hand
 //! ([`Launcher::Flags`]).
 //!
 //! Defaults: `MASTER_PORT` 29500 (under Slurm 29500 + `SLURM_JOB_ID` % 1000, so two jobs sharing
@@ -97,7 +97,7 @@ pub struct RankEnv {
 pub struct RankFlags {
     /// `--rank`.
     pub rank: Option<usize>,
-    /// `--world-size`.
+    /// `--world`.
     pub world_size: Option<usize>,
     /// `--local-rank`.
     pub local_rank: Option<usize>,
@@ -133,7 +133,7 @@ pub fn from_env(
             found.apply(flags);
             let missing: Vec<&str> = [
                 ("--rank", found.rank.is_none()),
-                ("--world-size", found.world_size.is_none()),
+                ("--world", found.world_size.is_none()),
             ]
             .into_iter()
             .filter_map(|(name, missing)| missing.then_some(name))
@@ -141,7 +141,7 @@ pub fn from_env(
             if !missing.is_empty() {
                 return Err(usage(format!(
                     "{} {} missing: no launcher variables were found (torchrun, srun, mpirun or \
-                     shardtrain's own), so flags alone must give both --rank and --world-size",
+                     shardtrain's own), so flags alone must give both --rank and --world",
                     missing.join(" and "),
                     if missing.len() == 1 { "is" } else { "are" },
                 )));
@@ -313,7 +313,7 @@ const MPI_NAMES: Names = Names {
 };
 const FLAG_NAMES: Names = Names {
     rank: "--rank",
-    world_size: "--world-size",
+    world_size: "--world",
     local_rank: "--local-rank",
     local_world_size: "the local world size",
 };
@@ -376,7 +376,7 @@ impl Found {
             self.rank = Some(Val::from_flag("--rank", v));
         }
         if let Some(v) = flags.world_size {
-            self.world_size = Some(Val::from_flag("--world-size", v));
+            self.world_size = Some(Val::from_flag("--world", v));
         }
         if let Some(v) = flags.local_rank {
             self.local_rank = Some(Val::from_flag("--local-rank", v));
@@ -406,13 +406,10 @@ impl Found {
             .rank
             .clone()
             .ok_or_else(|| missing(names.rank, "--rank", "this process's rank"))?;
-        let world = self.world_size.clone().ok_or_else(|| {
-            missing(
-                names.world_size,
-                "--world-size",
-                "how many ranks the job has",
-            )
-        })?;
+        let world = self
+            .world_size
+            .clone()
+            .ok_or_else(|| missing(names.world_size, "--world", "how many ranks the job has"))?;
         if world.value == 0 {
             return Err(usage(format!(
                 "{}: the world size must be at least 1",
@@ -1357,7 +1354,7 @@ mod tests {
             },
             &[],
         );
-        assert!(e.starts_with("--world-size is missing"), "{e}");
+        assert!(e.starts_with("--world is missing"), "{e}");
         let e = error_with(
             &RankFlags {
                 world_size: Some(2),
@@ -1373,7 +1370,7 @@ mod tests {
             },
             &[],
         );
-        assert!(e.starts_with("--rank and --world-size are missing"), "{e}");
+        assert!(e.starts_with("--rank and --world are missing"), "{e}");
     }
 
     #[test]
