@@ -18,6 +18,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod kernels;
+pub mod shapes;
 
 use std::fmt::Debug;
 

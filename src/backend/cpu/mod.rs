@@ -17,15 +17,15 @@ mod storage;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub use real::Real;
 pub use storage::CpuBuf;
 use storage::{round_to_dtype, Borrows};
 
 use super::{
-    expect_dtype, expect_len, AdamWStep, AttentionShape, Backend, Buffer, DType, MatmulSpec,
-    LAYERNORM_EPS,
+    expect_dtype, expect_len, shapes, AdamWStep, AttentionShape, Backend, Buffer, DType,
+    MatmulSpec, LAYERNORM_EPS,
 };
 
 /// Token ids in host memory.
@@ -41,23 +41,6 @@ impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
         CpuBackend { _elem: PhantomData }
     }
-}
-
-fn expect_ids(op: &str, what: &str, ids: &CpuIds, expected: usize) -> Result<()> {
-    if ids.len() != expected {
-        bail!(
-            "{op}: `{what}` has {} ids, the shapes given need {expected}",
-            ids.len()
-        );
-    }
-    Ok(())
-}
-
-fn expect_ids_below(op: &str, what: &str, ids: &CpuIds, bound: usize) -> Result<()> {
-    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= bound) {
-        bail!("{op}: `{what}`[{i}] = {id} is outside the vocabulary of {bound}");
-    }
-    Ok(())
 }
 
 impl<T: Real> Backend for CpuBackend<T> {
@@ -170,12 +153,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         bias: Option<&CpuBuf<T>>,
         spec: MatmulSpec,
     ) -> Result<()> {
-        expect_len("matmul", "out", out, spec.m * spec.n)?;
-        expect_len("matmul", "a", a, spec.m * spec.k)?;
-        expect_len("matmul", "b", b, spec.k * spec.n)?;
+        shapes::matmul(out, a, b, bias, spec)?;
         let mut ins = vec![("a", a), ("b", b)];
         if let Some(bias) = bias {
-            expect_len("matmul", "bias", bias, spec.n)?;
             ins.push(("bias", bias));
         }
         let bw = Borrows::check("matmul", &[("out", out)], &ins)?;
@@ -213,17 +193,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_forward";
-        if cols == 0 {
-            bail!("{op}: cols must be at least 1");
-        }
-        expect_len(op, "out", out, rows * cols)?;
-        expect_len(op, "inp", inp, rows * cols)?;
-        expect_len(op, "mean", mean, rows)?;
-        expect_len(op, "rstd", rstd, rows)?;
-        expect_len(op, "weight", weight, cols)?;
-        expect_len(op, "bias", bias, cols)?;
-        expect_dtype(op, "mean", mean, DType::F32)?;
-        expect_dtype(op, "rstd", rstd, DType::F32)?;
+        shapes::layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols)?;
         let b = Borrows::check(
             op,
             &[("out", out), ("mean", mean), ("rstd", rstd)],
@@ -258,17 +228,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
-        if cols == 0 {
-            bail!("{op}: cols must be at least 1");
-        }
-        expect_len(op, "dinp", dinp, rows * cols)?;
-        expect_len(op, "dout", dout, rows * cols)?;
-        expect_len(op, "inp", inp, rows * cols)?;
-        expect_len(op, "dweight", dweight, cols)?;
-        expect_len(op, "dbias", dbias, cols)?;
-        expect_len(op, "weight", weight, cols)?;
-        expect_len(op, "mean", mean, rows)?;
-        expect_len(op, "rstd", rstd, rows)?;
+        shapes::layernorm_backward(
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols,
+        )?;
         let b = Borrows::check(
             op,
             &[("dinp", dinp), ("dweight", dweight), ("dbias", dbias)],
@@ -329,11 +291,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_forward";
-        let tokens = shape.batch * shape.seq;
-        expect_len(op, "out", out, tokens * shape.channels())?;
-        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "lse", lse, tokens * shape.heads)?;
-        expect_dtype(op, "lse", lse, DType::F32)?;
+        shapes::attention_forward(out, lse, qkv, shape)?;
         let b = Borrows::check(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
         let o = b.output(0);
         attention::attention_forward(o, b.output(1), b.input(qkv), shape);
@@ -351,12 +309,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_backward";
-        let tokens = shape.batch * shape.seq;
-        expect_len(op, "dqkv", dqkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "dout", dout, tokens * shape.channels())?;
-        expect_len(op, "out", out, tokens * shape.channels())?;
-        expect_len(op, "lse", lse, tokens * shape.heads)?;
+        shapes::attention_backward(dqkv, dout, qkv, out, lse, shape)?;
         let b = Borrows::check(
             op,
             &[("dqkv", dqkv)],
@@ -386,8 +339,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         channels: usize,
     ) -> Result<()> {
         let op = "embedding_forward";
-        check_embedding_shapes(op, ids, wte, wpe, batch, seq, channels)?;
-        expect_len(op, "out", out, batch * seq * channels)?;
+        shapes::embedding(op, ids, wte, wpe, ("out", out), batch, seq, channels)?;
         let b = Borrows::check(op, &[("out", out)], &[("wte", wte), ("wpe", wpe)])?;
         let o = b.output(0);
         embedding::embedding_forward(o, ids, b.input(wte), b.input(wpe), seq, channels);
@@ -406,8 +358,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         channels: usize,
     ) -> Result<()> {
         let op = "embedding_backward";
-        check_embedding_shapes(op, ids, dwte, dwpe, batch, seq, channels)?;
-        expect_len(op, "dout", dout, batch * seq * channels)?;
+        shapes::embedding(op, ids, dwte, dwpe, ("dout", dout), batch, seq, channels)?;
         let b = Borrows::check(op, &[("dwte", dwte), ("dwpe", dwpe)], &[("dout", dout)])?;
         let (dt, dp) = (b.output(0), b.output(1));
         embedding::embedding_backward(dt, dp, b.input(dout), ids, seq, channels);
@@ -426,14 +377,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         grad_scale: Option<f32>,
     ) -> Result<()> {
         let op = "cross_entropy";
-        if vocab == 0 {
-            bail!("{op}: vocab must be at least 1");
-        }
-        expect_len(op, "losses", losses, rows)?;
-        expect_len(op, "logits", logits, rows * vocab)?;
-        expect_dtype(op, "losses", losses, DType::F32)?;
-        expect_ids(op, "targets", targets, rows)?;
-        expect_ids_below(op, "targets", targets, vocab)?;
+        shapes::cross_entropy(losses, logits, targets, rows, vocab)?;
         let b = Borrows::check(op, &[("losses", losses), ("logits", logits)], &[])?;
         let (l, g) = (b.output(0), b.output(1));
         loss::cross_entropy(l, g, targets, vocab, grad_scale.map(T::of_f32));
@@ -453,16 +397,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         hp: &AdamWStep,
     ) -> Result<()> {
         let op = "adamw";
-        let n = param.len();
-        expect_len(op, "grad", grad, n)?;
-        expect_len(op, "m", m, n)?;
-        expect_len(op, "v", v, n)?;
-        for (what, buf) in [("param", param), ("m", m), ("v", v)] {
-            expect_dtype(op, what, buf, DType::F32)?;
-        }
+        shapes::adamw(param, grad, m, v, param_copy)?;
         let mut outs = vec![("param", param), ("m", m), ("v", v)];
         if let Some(c) = param_copy {
-            expect_len(op, "param_copy", c, n)?;
             outs.push(("param_copy", c));
         }
         let b = Borrows::check(op, &outs, &[("grad", grad)])?;
@@ -488,30 +425,4 @@ impl<T: Real> Backend for CpuBackend<T> {
         a[0] = T::of_f64(a[0].as_f64() + optim::sum_squares(b.input(x)));
         Ok(())
     }
-}
-
-fn check_embedding_shapes<T: Real>(
-    op: &str,
-    ids: &CpuIds,
-    wte: &CpuBuf<T>,
-    wpe: &CpuBuf<T>,
-    batch: usize,
-    seq: usize,
-    channels: usize,
-) -> Result<()> {
-    if channels == 0 || !wte.len().is_multiple_of(channels) || !wpe.len().is_multiple_of(channels) {
-        bail!(
-            "{op}: tables of {} and {} elements are not rows of {channels} channels",
-            wte.len(),
-            wpe.len()
-        );
-    }
-    if wpe.len() / channels < seq {
-        bail!(
-            "{op}: sequence length {seq} exceeds the {} positions of the position table",
-            wpe.len() / channels
-        );
-    }
-    expect_ids(op, "ids", ids, batch * seq)?;
-    expect_ids_below(op, "ids", ids, wte.len() / channels)
 }

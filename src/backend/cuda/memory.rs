@@ -193,10 +193,6 @@ impl CudaIds {
     pub(super) fn ptr(&self) -> u64 {
         self.mem.ptr()
     }
-
-    pub(super) fn len(&self) -> usize {
-        self.host.len()
-    }
 }
 
 // SAFETY: DeviceMemory holds a device address (an integer) and thread-safe handles; freeing is a

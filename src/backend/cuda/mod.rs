@@ -23,7 +23,8 @@ pub use device::{device_count, unavailable_reason, CudaDevice};
 pub use memory::{CudaBuf, CudaIds, MemoryStats};
 
 use super::{
-    expect_dtype, expect_len, AdamWStep, AttentionShape, Backend, Buffer, DType, MatmulSpec, OpTime,
+    expect_dtype, expect_len, shapes, AdamWStep, AttentionShape, Backend, Buffer, DType,
+    MatmulSpec, OpTime,
 };
 use blas::Blas;
 use launch::{grid_for, int, launch, row_block, Arg, BLOCK};
@@ -106,28 +107,6 @@ fn no_overlap(op: &str, outputs: &[(&str, &CudaBuf)], inputs: &[(&str, &CudaBuf)
                 bail!("{op}: output `{oname}` overlaps `{name}`");
             }
         }
-    }
-    Ok(())
-}
-
-fn check_ids_below(op: &str, what: &str, ids: &CudaIds, bound: usize) -> Result<()> {
-    if let Some((i, &id)) = ids
-        .host
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id as usize >= bound)
-    {
-        bail!("{op}: `{what}`[{i}] = {id} is outside the vocabulary of {bound}");
-    }
-    Ok(())
-}
-
-fn check_ids_len(op: &str, what: &str, ids: &CudaIds, expected: usize) -> Result<()> {
-    if ids.len() != expected {
-        bail!(
-            "{op}: `{what}` has {} ids, the shapes given need {expected}",
-            ids.len()
-        );
     }
     Ok(())
 }
@@ -430,12 +409,9 @@ impl Backend for CudaBackend {
         bias: Option<&CudaBuf>,
         spec: MatmulSpec,
     ) -> Result<()> {
-        expect_len("matmul", "out", out, spec.m * spec.n)?;
-        expect_len("matmul", "a", a, spec.m * spec.k)?;
-        expect_len("matmul", "b", b, spec.k * spec.n)?;
+        shapes::matmul(out, a, b, bias, spec)?;
         let mut ins = vec![("a", a), ("b", b)];
         if let Some(bias) = bias {
-            expect_len("matmul", "bias", bias, spec.n)?;
             ins.push(("bias", bias));
         }
         no_overlap("matmul", &[("out", out)], &ins)?;
@@ -510,17 +486,7 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_forward";
-        if cols == 0 {
-            bail!("{op}: cols must be at least 1");
-        }
-        expect_len(op, "out", out, rows * cols)?;
-        expect_len(op, "inp", inp, rows * cols)?;
-        expect_len(op, "mean", mean, rows)?;
-        expect_len(op, "rstd", rstd, rows)?;
-        expect_len(op, "weight", weight, cols)?;
-        expect_len(op, "bias", bias, cols)?;
-        expect_dtype(op, "mean", mean, DType::F32)?;
-        expect_dtype(op, "rstd", rstd, DType::F32)?;
+        shapes::layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols)?;
         same_dtype(
             op,
             out.dtype,
@@ -567,19 +533,9 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<()> {
         let op = "layernorm_backward";
-        if cols == 0 {
-            bail!("{op}: cols must be at least 1");
-        }
-        expect_len(op, "dinp", dinp, rows * cols)?;
-        expect_len(op, "dout", dout, rows * cols)?;
-        expect_len(op, "inp", inp, rows * cols)?;
-        expect_len(op, "dweight", dweight, cols)?;
-        expect_len(op, "dbias", dbias, cols)?;
-        expect_len(op, "weight", weight, cols)?;
-        expect_len(op, "mean", mean, rows)?;
-        expect_len(op, "rstd", rstd, rows)?;
-        expect_dtype(op, "mean", mean, DType::F32)?;
-        expect_dtype(op, "rstd", rstd, DType::F32)?;
+        shapes::layernorm_backward(
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols,
+        )?;
         same_dtype(
             op,
             dinp.dtype,
@@ -676,11 +632,8 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_forward";
+        shapes::attention_forward(out, lse, qkv, shape)?;
         let tokens = shape.batch * shape.seq;
-        expect_len(op, "out", out, tokens * shape.channels())?;
-        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "lse", lse, tokens * shape.heads)?;
-        expect_dtype(op, "lse", lse, DType::F32)?;
         same_dtype(op, out.dtype, &[("qkv", qkv)])?;
         no_overlap(op, &[("out", out), ("lse", lse)], &[("qkv", qkv)])?;
         let hs = attention_head_size(op, shape)?;
@@ -714,13 +667,8 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
     ) -> Result<()> {
         let op = "attention_backward";
+        shapes::attention_backward(dqkv, dout, qkv, out, lse, shape)?;
         let tokens = shape.batch * shape.seq;
-        expect_len(op, "dqkv", dqkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
-        expect_len(op, "dout", dout, tokens * shape.channels())?;
-        expect_len(op, "out", out, tokens * shape.channels())?;
-        expect_len(op, "lse", lse, tokens * shape.heads)?;
-        expect_dtype(op, "lse", lse, DType::F32)?;
         same_dtype(
             op,
             dqkv.dtype,
@@ -787,8 +735,7 @@ impl Backend for CudaBackend {
         channels: usize,
     ) -> Result<()> {
         let op = "embedding_forward";
-        check_embedding_shapes(op, ids, wte, wpe, batch, seq, channels)?;
-        expect_len(op, "out", out, batch * seq * channels)?;
+        shapes::embedding(op, &ids.host, wte, wpe, ("out", out), batch, seq, channels)?;
         same_dtype(op, out.dtype, &[("wte", wte), ("wpe", wpe)])?;
         no_overlap(op, &[("out", out)], &[("wte", wte), ("wpe", wpe)])?;
         self.timed(op, || {
@@ -819,8 +766,16 @@ impl Backend for CudaBackend {
         channels: usize,
     ) -> Result<()> {
         let op = "embedding_backward";
-        check_embedding_shapes(op, ids, dwte, dwpe, batch, seq, channels)?;
-        expect_len(op, "dout", dout, batch * seq * channels)?;
+        shapes::embedding(
+            op,
+            &ids.host,
+            dwte,
+            dwpe,
+            ("dout", dout),
+            batch,
+            seq,
+            channels,
+        )?;
         same_dtype(op, dwte.dtype, &[("dwpe", dwpe)])?;
         no_overlap(op, &[("dwte", dwte), ("dwpe", dwpe)], &[("dout", dout)])?;
         let kind = format!("{}_{}", tn(dwte.dtype), tn(dout.dtype));
@@ -860,14 +815,7 @@ impl Backend for CudaBackend {
         grad_scale: Option<f32>,
     ) -> Result<()> {
         let op = "cross_entropy";
-        if vocab == 0 {
-            bail!("{op}: vocab must be at least 1");
-        }
-        expect_len(op, "losses", losses, rows)?;
-        expect_len(op, "logits", logits, rows * vocab)?;
-        expect_dtype(op, "losses", losses, DType::F32)?;
-        check_ids_len(op, "targets", targets, rows)?;
-        check_ids_below(op, "targets", targets, vocab)?;
+        shapes::cross_entropy(losses, logits, &targets.host, rows, vocab)?;
         no_overlap(op, &[("losses", losses), ("logits", logits)], &[])?;
         if rows == 0 {
             return Ok(());
@@ -900,16 +848,10 @@ impl Backend for CudaBackend {
         hp: &AdamWStep,
     ) -> Result<()> {
         let op = "adamw";
+        shapes::adamw(param, grad, m, v, param_copy)?;
         let n = param.len;
-        expect_len(op, "grad", grad, n)?;
-        expect_len(op, "m", m, n)?;
-        expect_len(op, "v", v, n)?;
-        for (what, buf) in [("param", param), ("m", m), ("v", v)] {
-            expect_dtype(op, what, buf, DType::F32)?;
-        }
         let mut outs = vec![("param", param), ("m", m), ("v", v)];
         if let Some(c) = param_copy {
-            expect_len(op, "param_copy", c, n)?;
             outs.push(("param_copy", c));
         }
         no_overlap(op, &outs, &[("grad", grad)])?;
@@ -980,30 +922,4 @@ fn attention_grid(shape: AttentionShape) -> (u32, u32, u32) {
         (shape.batch * shape.heads) as u32,
         1,
     )
-}
-
-fn check_embedding_shapes(
-    op: &str,
-    ids: &CudaIds,
-    wte: &CudaBuf,
-    wpe: &CudaBuf,
-    batch: usize,
-    seq: usize,
-    channels: usize,
-) -> Result<()> {
-    if channels == 0 || !wte.len.is_multiple_of(channels) || !wpe.len.is_multiple_of(channels) {
-        bail!(
-            "{op}: tables of {} and {} elements are not rows of {channels} channels",
-            wte.len,
-            wpe.len
-        );
-    }
-    if wpe.len / channels < seq {
-        bail!(
-            "{op}: sequence length {seq} exceeds the {} positions of the position table",
-            wpe.len / channels
-        );
-    }
-    check_ids_len(op, "ids", ids, batch * seq)?;
-    check_ids_below(op, "ids", ids, wte.len / channels)
 }
