@@ -318,7 +318,7 @@ fn wrong_types() {
         ("save_final", "maybe", "checkpoint.save_final"),
         ("device", "gpu", "device"),
         ("progress", "fancy", "logging.progress"),
-        ("kind", "shards", "data.kind"),
+        ("kind", "parquet", "data.kind"),
         ("max_operand", "[1, 2]", "data.synthetic.max_operand"),
     ] {
         let (text, line) = tiny_with(leaf, value);

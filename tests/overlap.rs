@@ -553,6 +553,7 @@ fn run_steps<B: Backend>(
             units.zero_grads(&be)?;
             let batch = data
                 .next_batch(micro * WORLD, seq)
+                .unwrap()
                 .rows(rank * micro, micro);
             let inputs = be.upload_ids(&batch.inputs)?;
             let targets = be.upload_ids(&batch.targets)?;

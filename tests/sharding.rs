@@ -202,7 +202,9 @@ fn trace_of(strategy: ShardStrategy, prefetch: bool) -> Vec<Event> {
             be.upload(&units.param_shards[u], &mine)?;
         }
         let mut model = Gpt::new(layout, DType::F32);
-        let batch = ArithmeticCorpus::new(99, 0.1, 1, Split::Train).next_batch(2, 16);
+        let batch = ArithmeticCorpus::new(99, 0.1, 1, Split::Train)
+            .next_batch(2, 16)
+            .unwrap();
         let (ids, targets) = (
             be.upload_ids(&batch.inputs)?,
             be.upload_ids(&batch.targets)?,

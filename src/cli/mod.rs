@@ -4,6 +4,7 @@
 
 mod bench;
 pub mod run_dir;
+mod tokenize;
 mod train_job;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
     /// Run a command as a multi-process job: one process per rank on this node (CPU ranks, or
     /// one per GPU), e.g. `shardtrain launch --nproc-per-node 2 -- train --config c.yaml`.
     Launch(LaunchArgs),
+    /// Turn UTF-8 text files into token shards for `data.kind: shards`.
+    Tokenize(tokenize::TokenizeArgs),
     /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
     Bench {
         #[command(subcommand)]
@@ -248,6 +251,7 @@ fn try_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(args) => export_command(args),
+        Command::Tokenize(args) => tokenize::tokenize(args),
         Command::Bench {
             command: BenchCommand::Comm(args),
         } => bench::bench_comm(args),

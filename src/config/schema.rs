@@ -91,6 +91,8 @@ impl ModelConfig {
 pub enum DataKind {
     /// Generated arithmetic problems (see data.synthetic).
     Synthetic,
+    /// Token shard files in llm.c's format (data.train, data.val), e.g. from `shardtrain tokenize`.
+    Shards,
 }
 
 /// How text becomes tokens.
@@ -109,6 +111,11 @@ pub struct DataConfig {
     pub kind: DataKind,
     /// How text becomes tokens.
     pub tokenizer: TokenizerKind,
+    /// Training shards (kind: shards): a path or a glob of the file name, e.g.
+    /// `data/fineweb_train_*.bin`.
+    pub train: String,
+    /// Validation shards (kind: shards), as `train`.
+    pub val: String,
     /// Settings of the synthetic source (used when kind is synthetic).
     pub synthetic: SyntheticConfig,
 }
@@ -118,6 +125,8 @@ impl Default for DataConfig {
         DataConfig {
             kind: DataKind::Synthetic,
             tokenizer: TokenizerKind::Bytes,
+            train: String::new(),
+            val: String::new(),
             synthetic: SyntheticConfig::default(),
         }
     }

@@ -1,7 +1,7 @@
 // The rules a config must satisfy before training starts (impossible or unsupported values).
 // Pure: returns every problem as (dotted key, what is wrong); report.rs adds file and line.
 
-use super::schema::{Config, ShardStrategy, TokenizerKind};
+use super::schema::{Config, DataKind, ShardStrategy, TokenizerKind};
 
 /// Collects the problems of a config, in section order.
 struct Problems(Vec<(String, String)>);
@@ -96,6 +96,24 @@ fn model(config: &Config, out: &mut Problems) {
 }
 
 fn data(config: &Config, out: &mut Problems) {
+    if config.data.kind == DataKind::Shards {
+        if config.data.train.is_empty() {
+            out.push(
+                "data.train",
+                "data.kind is shards: name the training shard files (a path or a glob like \
+                 data/my_train_*.bin)"
+                    .to_string(),
+            );
+        }
+        if config.data.val.is_empty() && config.train.eval_every > 0 {
+            out.push(
+                "data.val",
+                "data.kind is shards and train.eval_every > 0: name the validation shard files, \
+                 or set train.eval_every: 0"
+                    .to_string(),
+            );
+        }
+    }
     let s = &config.data.synthetic;
     out.at_least_one("data.synthetic.max_operand", u64::from(s.max_operand));
     let f = s.val_fraction;

@@ -2,6 +2,9 @@
 //! trainer does not care where tokens come from (today the built-in synthetic corpus; token shard
 //! files and raw text arrive later behind the same trait).
 
+pub mod sampler;
+pub mod shards;
+pub mod source;
 pub mod synthetic;
 pub mod tokenizer;
 
@@ -52,7 +55,7 @@ impl Batch {
 /// A deterministic source of batches.
 pub trait DataSource: Send {
     /// The next `batch x seq` micro-batch of this stream.
-    fn next_batch(&mut self, batch: usize, seq: usize) -> Batch;
+    fn next_batch(&mut self, batch: usize, seq: usize) -> anyhow::Result<Batch>;
     /// Rewinds to the first batch (validation reads the same held-out tokens at every evaluation).
     fn rewind(&mut self);
     /// Where the stream is, as data a checkpoint stores: restoring it continues with exactly the

@@ -23,15 +23,14 @@ use crate::checkpoint::write::{commit, prepare_staging, staging_dir, write_rank_
 use crate::checkpoint::CheckpointMeta;
 use crate::comm::{Communicator, ReduceOp};
 use crate::config::Config;
-use crate::data::synthetic::{ArithmeticCorpus, Split};
+use crate::data::synthetic::Split;
 use crate::data::{Batch, DataSource};
 use crate::model::{Gpt, ParamLayout};
 use crate::shard::memory::{mib, zero_model_state_bytes, MemoryUse};
 use crate::shard::{RankComms, ShardPlan, ShardedUnits};
 
-fn data_source(cfg: &Config, split: Split) -> ArithmeticCorpus {
-    let s = &cfg.data.synthetic;
-    ArithmeticCorpus::new(s.max_operand, s.val_fraction, cfg.train.seed, split)
+fn data_source(cfg: &Config, split: Split) -> Result<Box<dyn DataSource>> {
+    crate::data::source::open_source(cfg, split)
 }
 
 /// One rank's training state.
@@ -45,8 +44,8 @@ pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     opt: AdamW<B>,
     /// The first step this run takes (after the checkpoint it resumed from, or 1).
     start_step: u64,
-    train_data: ArithmeticCorpus,
-    val_data: ArithmeticCorpus,
+    train_data: Box<dyn DataSource>,
+    val_data: Box<dyn DataSource>,
 }
 
 impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
@@ -79,7 +78,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                 grad_clip: cfg.train.grad_clip,
             },
         )?;
-        let mut train_data = data_source(cfg, Split::Train);
+        let mut train_data = data_source(cfg, Split::Train)?;
         let mut start_step = 1;
         match start {
             Start::Resume(ckpt) => {
@@ -119,7 +118,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             opt,
             start_step,
             train_data,
-            val_data: data_source(cfg, Split::Val),
+            val_data: data_source(cfg, Split::Val)?,
             be,
             rank,
             cfg,
@@ -186,7 +185,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         for round in 0..total.div_ceil(world) {
             let mut mine = None;
             for r in 0..world {
-                let batch = self.val_data.next_batch(micro, seq);
+                let batch = self.val_data.next_batch(micro, seq)?;
                 if r == self.rank {
                     mine = Some(batch);
                 }
@@ -408,7 +407,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             self.units.zero_grads(&self.be)?;
             let mut local_loss = 0.0f32;
             for k in 0..accum {
-                let global = self.train_data.next_batch(micro * world, seq);
+                let global = self.train_data.next_batch(micro * world, seq)?;
                 let batch = self.my_rows(&global);
                 local_loss += self.forward_backward(&batch, Some(grad_scale), k + 1 == accum)?;
             }

@@ -1,0 +1,153 @@
+//! Issue 7's path from the command line: `tokenize` text into shards, train on them with
+//! evaluation, sample, and resume a stopped run on shards exactly (the sampler's position is in
+//! the checkpoint).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn shardtrain(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
+        .current_dir(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the shardtrain binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[rustfmt::skip]
+const SMALL: &[&str] = &[
+    "--set", "model.n_layer=1",
+    "--set", "model.d_model=32",
+    "--set", "model.n_head=1",
+    "--set", "model.seq_len=32",
+    "--set", "train.micro_batch_size=4",
+    "--set", "train.global_batch_size=8",
+    "--set", "train.warmup_steps=2",
+    "--set", "train.eval_every=5",
+    "--set", "train.eval_tokens=256",
+    "--set", "logging.progress=plain",
+    "--set", "logging.every_steps=1000",
+    "--set", "data.kind=shards",
+    "--set", "data.train=data/my_train_*.bin",
+    "--set", "data.val=data/my_val_*.bin",
+];
+
+fn losses(run: &Path) -> Vec<u32> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["loss"].as_f64().unwrap() as f32).to_bits()
+        })
+        .collect()
+}
+
+#[test]
+fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for d in 0..3 {
+        let body: String = (0..400)
+            .map(|i| format!("{}+{}={}\n", i * d, i, i * d + i))
+            .collect();
+        std::fs::write(dir.join(format!("doc{d}.txt")), body).unwrap();
+    }
+    let out = shardtrain(
+        dir,
+        &[
+            "tokenize",
+            "doc0.txt",
+            "doc1.txt",
+            "doc2.txt",
+            "-o",
+            "data/my",
+            "--shard-tokens",
+            "5000",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("3 documents") && stdout.contains("data/my_train_000000.bin"),
+        "{stdout}"
+    );
+    assert!(dir.join("data/my_val_000000.bin").is_file());
+
+    let mut args = vec!["train", "--run-dir", "run", "--set", "train.max_steps=10"];
+    args.extend_from_slice(SMALL);
+    let out = shardtrain(dir, &args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("done: 10 steps") && stdout.contains("val_loss"),
+        "{stdout}"
+    );
+
+    let out = shardtrain(
+        dir,
+        &[
+            "sample",
+            "--run-dir",
+            "run",
+            "--prompt",
+            "12+",
+            "--max-tokens",
+            "8",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("12+"));
+
+    // Stop after 5 steps (checkpoint), resume to 10: the same losses as the uninterrupted run.
+    let mut args = vec![
+        "train",
+        "--run-dir",
+        "split",
+        "--set",
+        "train.max_steps=10",
+        "--set",
+        "checkpoint.every_steps=5",
+    ];
+    args.extend_from_slice(SMALL);
+    let mut first = args.clone();
+    first[4] = "train.max_steps=10";
+    let out = shardtrain(dir, &first);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let full = losses(&dir.join("split"));
+    let ckpt = dir.join("split/checkpoints/step-00000005");
+    assert!(ckpt.join("meta.json").is_file());
+    let meta = std::fs::read_to_string(ckpt.join("meta.json")).unwrap();
+    assert!(
+        meta.contains("\"kind\": \"shards\""),
+        "the sampler position is saved"
+    );
+    let out = shardtrain(
+        dir,
+        &[
+            "train",
+            "--resume",
+            ckpt.to_str().unwrap(),
+            "--run-dir",
+            "resumed",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(losses(&dir.join("resumed")), full[5..].to_vec());
+
+    // A shard that is not one is an error naming it.
+    std::fs::write(dir.join("data/my_train_000009.bin"), b"not a shard").unwrap();
+    let mut args = vec!["train", "--run-dir", "bad", "--set", "train.max_steps=2"];
+    args.extend_from_slice(SMALL);
+    let out = shardtrain(dir, &args);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("my_train_000009.bin") && stderr.contains("too short"),
+        "{stderr}"
+    );
+}
