@@ -20,7 +20,9 @@ if [ "${1:-}" = "--prepare" ]; then
     fi
     SHARDTRAIN_REQUIRE_CUDA=1 cargo build --release --locked
     mkdir -p gpu-bin
-    cp target/release/shardtrain gpu-bin/shardtrain
+    # Without its line tables the binary is a third of the size: the device tool carries 64 MiB.
+    strip -o gpu-bin/shardtrain target/release/shardtrain 2>/dev/null \
+        || cp target/release/shardtrain gpu-bin/shardtrain
     anchor=../shared/anchors/torch_gpt2_anchor.py
     [ -f "$anchor" ] && cp "$anchor" gpu-bin/
     ls -la gpu-bin
