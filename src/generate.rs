@@ -30,6 +30,32 @@ pub struct SampleOptions {
 /// Generates a continuation of `opts.prompt` from the final weights in `run_dir`; returns only
 /// the generated text.
 pub fn sample_from_run(run_dir: &Path, opts: &SampleOptions) -> Result<String> {
+    check_options(opts)?;
+    let cfg = Config::load(Some(&run_dir.join(CONFIG_FILE)), &[])?;
+    let weights_path = run_dir.join(WEIGHTS_FILE);
+    if !weights_path.exists() {
+        bail!(
+            "{} does not exist: the run has no final weights (did it finish, with checkpoint.save_final: true? a stopped run: use --checkpoint)",
+            weights_path.display()
+        );
+    }
+    let layout = ParamLayout::gpt(gpt_shape(&cfg), cfg.model.init_std);
+    let host = weights::load(&weights_path, &layout)?;
+    sample(&cfg, layout, &host, opts)
+}
+
+/// [`sample_from_run`] from the master weights of a checkpoint (a `step-N` directory, or the
+/// newest checkpoint of a run directory).
+pub fn sample_from_checkpoint(path: &Path, opts: &SampleOptions) -> Result<String> {
+    check_options(opts)?;
+    let ckpt = crate::checkpoint::Checkpoint::resolve(path)?;
+    let cfg = ckpt.config(&[])?;
+    let layout = ParamLayout::gpt(gpt_shape(&cfg), cfg.model.init_std);
+    let host = ckpt.full_weights(&layout)?;
+    sample(&cfg, layout, &host, opts)
+}
+
+fn check_options(opts: &SampleOptions) -> Result<()> {
     if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) {
         return Err(UsageError(format!(
             "--temperature must be a finite number >= 0, got {}",
@@ -37,19 +63,19 @@ pub fn sample_from_run(run_dir: &Path, opts: &SampleOptions) -> Result<String> {
         ))
         .into());
     }
-    let cfg = Config::load(Some(&run_dir.join(CONFIG_FILE)), &[])?;
-    let weights_path = run_dir.join(WEIGHTS_FILE);
-    if !weights_path.exists() {
-        bail!(
-            "{} does not exist: the run has no final weights (did it finish, with checkpoint.save_final: true?)",
-            weights_path.display()
-        );
-    }
-    let layout = ParamLayout::gpt(gpt_shape(&cfg), cfg.model.init_std);
-    let host = weights::load(&weights_path, &layout)?;
+    Ok(())
+}
+
+/// Generates from full weights `host` (one buffer per unit of `layout`).
+fn sample(
+    cfg: &Config,
+    layout: ParamLayout,
+    host: &[Vec<f32>],
+    opts: &SampleOptions,
+) -> Result<String> {
     let be = CpuBackend::<f32>::new();
     let mut units = ResidentParams::alloc(&be, &layout, DType::F32)?;
-    for (buf, values) in units.params.iter().zip(&host) {
+    for (buf, values) in units.params.iter().zip(host) {
         be.upload(buf, values)?;
     }
     let mut model = Gpt::new(layout, DType::F32);

@@ -139,6 +139,35 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(losses(&dir.join("resumed")), full[5..].to_vec());
 
+    // `eval` of the last checkpoint gives the run's own final validation loss; `sample` reads a
+    // checkpoint too.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("split/summary.json")).unwrap())
+            .unwrap();
+    let final_val = summary["final_val_loss"].as_f64().unwrap();
+    let out = shardtrain(dir, &["eval", "--checkpoint", "split"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("step 10"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("val_loss {final_val:.4}")),
+        "{stdout} vs {final_val}"
+    );
+    let out = shardtrain(
+        dir,
+        &[
+            "sample",
+            "--checkpoint",
+            "split",
+            "--prompt",
+            "7+",
+            "--max-tokens",
+            "5",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("7+"));
+
     // A shard that is not one is an error naming it.
     std::fs::write(dir.join("data/my_train_000009.bin"), b"not a shard").unwrap();
     let mut args = vec!["train", "--run-dir", "bad", "--set", "train.max_steps=2"];

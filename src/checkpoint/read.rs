@@ -177,6 +177,31 @@ impl Checkpoint {
             })
     }
 
+    /// The run's config as the checkpoint saved it, with `overrides` (`key=value`) applied.
+    pub fn config(&self, overrides: &[String]) -> Result<crate::config::Config> {
+        let origin = self.dir.join(META_FILE).display().to_string();
+        Ok(crate::config::Config::from_yaml_str(
+            &self.meta.config_yaml,
+            &origin,
+            overrides,
+        )?)
+    }
+
+    /// Every unit's full f32 master weights (for export and sampling; the whole model in memory).
+    pub fn full_weights(&self, layout: &ParamLayout) -> Result<Vec<Vec<f32>>> {
+        self.check_layout(layout)?;
+        let mut reader = self.reader();
+        layout
+            .units
+            .iter()
+            .enumerate()
+            .map(|(u, spec)| {
+                let [master, _, _] = reader.read(u, 0..spec.numel)?;
+                Ok(master)
+            })
+            .collect()
+    }
+
     /// A reader of this checkpoint's state.
     pub fn reader(&self) -> ShardReader<'_> {
         ShardReader {

@@ -20,7 +20,7 @@ use crate::check::{check_ops, CheckOptions};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, ConfigError};
 use crate::error::UsageError;
-use crate::generate::{sample_from_run, SampleOptions};
+use crate::generate::{sample_from_checkpoint, sample_from_run, SampleOptions};
 use crate::train::{self, CONFIG_FILE};
 
 /// shardtrain trains GPT language models, sharding parameters, gradients and optimizer state
@@ -45,6 +45,8 @@ enum Command {
     /// Run a command as a multi-process job: one process per rank on this node (CPU ranks, or
     /// one per GPU), e.g. `shardtrain launch --nproc-per-node 2 -- train --config c.yaml`.
     Launch(LaunchArgs),
+    /// The validation loss of a checkpoint (over train.eval_tokens of its validation data).
+    Eval(EvalArgs),
     /// Turn UTF-8 text files into token shards for `data.kind: shards`.
     Tokenize(tokenize::TokenizeArgs),
     /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
@@ -63,6 +65,17 @@ enum Command {
     /// Compare every op of a backend with the CPU reference on fresh random inputs (outputs
     /// poisoned first, so an element left unwritten fails); exits 1 if any case fails.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// A checkpoint (a step-N directory, or a run directory: its newest checkpoint).
+    #[arg(long, value_name = "PATH")]
+    checkpoint: PathBuf,
+    /// Override a key of the checkpoint's config, e.g. `--set train.eval_tokens=1048576` or
+    /// another `data.val` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -185,10 +198,14 @@ pub(crate) struct TrainArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("weights").required(true).args(["run_dir", "checkpoint"])))]
 struct SampleArgs {
     /// Run directory of a finished training run (holds config.yaml and model.safetensors).
     #[arg(long, value_name = "DIR")]
-    run_dir: PathBuf,
+    run_dir: Option<PathBuf>,
+    /// Or a checkpoint (a step-N directory, or a run directory: its newest checkpoint).
+    #[arg(long, value_name = "PATH")]
+    checkpoint: Option<PathBuf>,
     /// Text to continue. Empty: start a new line.
     #[arg(long, default_value = "")]
     prompt: String,
@@ -252,6 +269,19 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Export(args) => export_command(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Eval(args) => {
+            let ckpt = Checkpoint::resolve(&args.checkpoint)?;
+            let cfg = ckpt.config(&args.set)?;
+            let device = train::device::resolve(cfg.device)?;
+            let (step, dir) = (ckpt.meta.step, ckpt.dir.clone());
+            let loss = train::evaluate_checkpoint(&device, &cfg, ckpt)?;
+            println!(
+                "val_loss {loss:.4} (step {step}, {} tokens of validation data) | {}",
+                cfg.train.eval_tokens,
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Bench {
             command: BenchCommand::Comm(args),
         } => bench::bench_comm(args),
@@ -285,21 +315,9 @@ fn export_command(args: ExportArgs) -> Result<()> {
         (layout, units)
     } else {
         let ckpt = Checkpoint::resolve(&args.source)?;
-        let origin = ckpt
-            .dir
-            .join(checkpoint::meta::META_FILE)
-            .display()
-            .to_string();
-        let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, &[])?;
+        let cfg = ckpt.config(&[])?;
         let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
-        ckpt.check_layout(&layout)?;
-        let mut reader = ckpt.reader();
-        let units = layout
-            .units
-            .iter()
-            .enumerate()
-            .map(|(u, spec)| Ok(reader.read(u, 0..spec.numel)?[0].clone()))
-            .collect::<Result<Vec<_>>>()?;
+        let units = ckpt.full_weights(&layout)?;
         (layout, units)
     };
     checkpoint::hf::export_hf(&args.output, &layout, &units)?;
@@ -339,7 +357,11 @@ fn sample_command(args: SampleArgs) -> Result<()> {
         top_k: args.top_k,
         seed: args.seed,
     };
-    let text = sample_from_run(&args.run_dir, &opts)?;
+    let text = match (&args.run_dir, &args.checkpoint) {
+        (_, Some(ckpt)) => sample_from_checkpoint(ckpt, &opts)?,
+        (Some(run), None) => sample_from_run(run, &opts)?,
+        (None, None) => bail!("give --run-dir or --checkpoint"),
+    };
     println!("{}{text}", opts.prompt);
     Ok(())
 }

@@ -334,6 +334,48 @@ pub fn train_process(
     }
 }
 
+/// The validation loss of a checkpoint's weights, on one rank of `device`, over
+/// `train.eval_tokens` tokens of the config's validation data.
+pub fn evaluate_checkpoint(device: &Device, cfg: &Config, ckpt: Checkpoint) -> Result<f32> {
+    let mut cfg = cfg.clone();
+    cfg.parallel.world_size = 1;
+    cfg.parallel.shard_group_size = 0;
+    let plan = ShardPlan::new(&cfg.parallel);
+    let world = LocalWorld::new(
+        1,
+        Duration::from_secs_f64(cfg.parallel.collective_timeout_s),
+    );
+    let comms = rank_comms(&world, &plan)
+        .pop()
+        .and_then(|m| m.into_inner().ok().flatten())
+        .ok_or_else(|| anyhow!("no communicators for one rank"))?;
+    let start = Start::Resume(Arc::new(ckpt));
+    // Evaluation writes nothing: the run directory is never touched.
+    let nowhere = Path::new(".");
+    match device {
+        Device::Cpu => RankTrainer::new(
+            CpuBackend::<f32>::new(),
+            0,
+            &cfg,
+            nowhere,
+            plan,
+            comms,
+            &start,
+        )?
+        .evaluate_only(),
+        Device::Cuda(gpu) => RankTrainer::new(
+            CudaBackend::new(gpu)?,
+            0,
+            &cfg,
+            nowhere,
+            plan,
+            comms,
+            &start,
+        )?
+        .evaluate_only(),
+    }
+}
+
 /// One rank's training with the backend and communicators given (the building block of every
 /// way ranks are run); returns the summary on rank 0.
 pub fn train_rank<B: Backend, C: Communicator>(

@@ -295,6 +295,11 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         Ok(dir)
     }
 
+    /// The validation loss of the current weights (`shardtrain eval`).
+    pub(super) fn evaluate_only(mut self) -> Result<f32> {
+        self.evaluate()
+    }
+
     fn memory_use(&self) -> MemoryUse {
         let size = |bufs: &[B::Buf]| {
             bufs.iter()
