@@ -167,13 +167,11 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- instrumentation (optional) -----------------------------------------------------------
 
-    /// Bytes of device memory held through this backend, now and at most since the last
-    /// [`Backend::reset_peak_memory`]; `None` where the backend does not track it (the CPU).
+    /// Bytes of device memory held through this backend, now and at most since it was made;
+    /// `None` where the backend does not track it (the CPU).
     fn memory_in_use(&self) -> Option<(usize, usize)> {
         None
     }
-    /// Starts a new peak-memory measurement.
-    fn reset_peak_memory(&self) {}
     /// Turns per-op device timing on or off (off by default: it costs time of its own).
     fn set_op_timing(&self, _on: bool) {}
     /// The per-op times gathered since the last call, largest first (empty when never timed).

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{Communicator, Pending, ReduceOp};
+use super::{all_gather_problem, reduce_scatter_problem, Communicator, Pending, ReduceOp};
 use crate::backend::{Backend, Buffer};
 
 /// Locks `m`, ignoring poisoning: no code here panics while holding a lock, and a failed rank is
@@ -503,13 +503,7 @@ impl Communicator for LocalComm {
         let world = self.world_size();
         let n = shard.len();
         let signature = format!("all_gather(out: {}, shard: {})", desc(out), desc(shard));
-        let problem = (out.len() != n * world).then(|| {
-            format!(
-                "all_gather: `out` has {} elements, {world} ranks x a shard of {n} need {}",
-                out.len(),
-                n * world
-            )
-        });
+        let problem = all_gather_problem(out.len(), n, world);
         let ((), pending) = self.collective(
             be,
             "all_gather",
@@ -540,13 +534,7 @@ impl Communicator for LocalComm {
             desc(out),
             desc(full)
         );
-        let problem = (full.len() != n * world).then(|| {
-            format!(
-                "reduce_scatter: `full` has {} elements, {world} ranks x an `out` of {n} need {}",
-                full.len(),
-                n * world
-            )
-        });
+        let problem = reduce_scatter_problem(full.len(), n, world);
         let me = self.me;
         let started = self.collective(
             be,

@@ -61,6 +61,27 @@ impl<B: Backend> Pending<B> {
     }
 }
 
+/// What is wrong with an all-gather's lengths (`out` must hold `world` shards), if anything: the
+/// same message from every transport.
+pub fn all_gather_problem(out_len: usize, shard_len: usize, world: usize) -> Option<String> {
+    (out_len != shard_len * world).then(|| {
+        format!(
+            "all_gather: `out` has {out_len} elements, {world} ranks x a shard of {shard_len} need {}",
+            shard_len * world
+        )
+    })
+}
+
+/// What is wrong with a reduce-scatter's lengths (`full` must hold `world` pieces), if anything.
+pub fn reduce_scatter_problem(full_len: usize, out_len: usize, world: usize) -> Option<String> {
+    (full_len != out_len * world).then(|| {
+        format!(
+            "reduce_scatter: `full` has {full_len} elements, {world} ranks x an `out` of {out_len} need {}",
+            out_len * world
+        )
+    })
+}
+
 /// How a reduction combines the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {

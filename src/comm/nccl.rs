@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use cudarc::nccl::{result as nccl, sys};
 
-use super::{Communicator, PeerFailed, Pending, ReduceOp};
+use super::{
+    all_gather_problem, reduce_scatter_problem, Communicator, PeerFailed, Pending, ReduceOp,
+};
 use crate::backend::cuda::{CudaBackend, CudaBuf, CudaMark};
 use crate::backend::{Backend, Buffer, DType};
 
@@ -279,14 +281,8 @@ impl Communicator for NcclComm {
     ) -> Result<Pending<B>> {
         let (o, s) = (cuda_buf::<B>(out, "out")?, cuda_buf::<B>(shard, "shard")?);
         same_dtype("all_gather", o, s)?;
-        if o.len() != s.len() * self.ranks.len() {
-            bail!(
-                "all_gather: `out` has {} elements, {} ranks x a shard of {} need {}",
-                o.len(),
-                self.ranks.len(),
-                s.len(),
-                s.len() * self.ranks.len()
-            );
+        if let Some(problem) = all_gather_problem(o.len(), s.len(), self.ranks.len()) {
+            bail!("{problem}");
         }
         let comm = self.comm.0;
         self.issue(be, "all_gather", |_, stream| {
@@ -315,14 +311,8 @@ impl Communicator for NcclComm {
     ) -> Result<()> {
         let (o, f) = (cuda_buf::<B>(out, "out")?, cuda_buf::<B>(full, "full")?);
         same_dtype("reduce_scatter", o, f)?;
-        if f.len() != o.len() * self.ranks.len() {
-            bail!(
-                "reduce_scatter: `full` has {} elements, {} ranks x an `out` of {} need {}",
-                f.len(),
-                self.ranks.len(),
-                o.len(),
-                o.len() * self.ranks.len()
-            );
+        if let Some(problem) = reduce_scatter_problem(f.len(), o.len(), self.ranks.len()) {
+            bail!("{problem}");
         }
         let comm = self.comm.0;
         let pending = self.issue(be, "reduce_scatter", |_, stream| {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
 
-use super::{Communicator, PeerFailed, ReduceOp};
+use super::{all_gather_problem, reduce_scatter_problem, Communicator, PeerFailed, ReduceOp};
 use crate::backend::{Backend, Buffer, DType};
 
 /// Largest message accepted (a guard against garbage on the socket).
@@ -378,12 +378,8 @@ impl Communicator for TcpComm {
     fn all_gather<B: Backend>(&self, be: &B, out: &B::Buf, shard: &B::Buf) -> Result<()> {
         let n = shard.len();
         let world = self.ranks.len();
-        if out.len() != n * world {
-            bail!(
-                "all_gather: `out` has {} elements, {world} ranks x a shard of {n} need {}",
-                out.len(),
-                n * world
-            );
+        if let Some(problem) = all_gather_problem(out.len(), n, world) {
+            bail!("{problem}");
         }
         let signature = format!("all_gather(out: {}, shard: {})", desc(out), desc(shard));
         let mine = be.download(shard)?;
@@ -410,12 +406,8 @@ impl Communicator for TcpComm {
     ) -> Result<()> {
         let n = out.len();
         let world = self.ranks.len();
-        if full.len() != n * world {
-            bail!(
-                "reduce_scatter: `full` has {} elements, {world} ranks x an `out` of {n} need {}",
-                full.len(),
-                n * world
-            );
+        if let Some(problem) = reduce_scatter_problem(full.len(), n, world) {
+            bail!("{problem}");
         }
         let signature = format!(
             "reduce_scatter(out: {}, full: {}, {op})",

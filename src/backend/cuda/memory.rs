@@ -34,11 +34,6 @@ impl MemoryStats {
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::Relaxed)
     }
-
-    /// Starts a new peak measurement from what is held now.
-    pub fn reset_peak(&self) {
-        self.peak.store(self.current(), Ordering::Relaxed);
-    }
 }
 
 /// One allocation, freed (stream-ordered, after the work queued before it) when the last handle

@@ -337,10 +337,6 @@ impl Backend for CudaBackend {
         Some((self.stats.current(), self.stats.peak()))
     }
 
-    fn reset_peak_memory(&self) {
-        self.stats.reset_peak();
-    }
-
     fn set_op_timing(&self, on: bool) {
         self.profiler.set(on);
     }
