@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, DType};
-use crate::config::Config;
-use crate::data::tokenizer::{decode_bytes, encode_bytes, BYTE_VOCAB};
+use crate::config::{Config, DataKind};
+use crate::data::tokenizer::Tokenizer;
 use crate::error::UsageError;
 use crate::model::{Gpt, ParamLayout, ResidentParams};
 use crate::train::{gpt_shape, weights, CONFIG_FILE, WEIGHTS_FILE};
@@ -80,14 +80,16 @@ fn sample(
     }
     let mut model = Gpt::new(layout, DType::F32);
     let vocab = cfg.model.vocab_size;
-    // The bytes tokenizer never produces ids beyond 255, even when the table is padded.
-    let sample_vocab = vocab.min(BYTE_VOCAB);
+    let tokenizer = Tokenizer::new(cfg.data.tokenizer);
+    // Rows of a padded embedding table past the tokenizer's vocabulary are never sampled.
+    let sample_vocab = vocab.min(tokenizer.vocab_size());
 
-    // An empty prompt starts at a line boundary, where every problem of the corpus starts.
-    let mut tokens = if opts.prompt.is_empty() {
-        encode_bytes("\n")
-    } else {
-        encode_bytes(&opts.prompt)
+    // An empty prompt starts where documents start: after an end-of-text token, or, for the
+    // synthetic corpus (one problem per line), at a line boundary.
+    let mut tokens = match (opts.prompt.is_empty(), cfg.data.kind) {
+        (false, _) => tokenizer.encode(&opts.prompt),
+        (true, DataKind::Synthetic) => tokenizer.encode("\n"),
+        (true, _) => vec![tokenizer.eot()],
     };
     let prompt_len = tokens.len();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -100,9 +102,14 @@ fn sample(
             .context("running the model")?;
         let acts = model.activations().expect("forward ran");
         let logits = be.download(&be.slice(&acts.logits, (seq - 1) * vocab, vocab)?)?;
-        tokens.push(pick(&logits[..sample_vocab], opts, &mut rng));
+        let next = pick(&logits[..sample_vocab], opts, &mut rng);
+        // A document's end ends the sample (the synthetic corpus never produces one).
+        if next == tokenizer.eot() && cfg.data.kind != DataKind::Synthetic {
+            break;
+        }
+        tokens.push(next);
     }
-    Ok(decode_bytes(&tokens[prompt_len..]))
+    Ok(tokenizer.decode(&tokens[prompt_len..]))
 }
 
 /// Chooses the next token from one row of logits.

@@ -68,6 +68,8 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
             "data/my",
             "--shard-tokens",
             "5000",
+            "--tokenizer",
+            "bytes",
         ],
     );
     let stdout = text(&out.stdout);
@@ -179,4 +181,111 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
         stderr.contains("my_train_000009.bin") && stderr.contains("too short"),
         "{stderr}"
     );
+}
+
+/// Prose with GPT-2's tokenizer: `tokenize` (the default tokenizer is gpt2) into shards a run
+/// trains and evaluates on, `sample` decodes with BPE, and `data.kind: text` tokenizes the same
+/// text itself into a cache next to the run, once, for the same tokens.
+#[test]
+fn gpt2_tokens_from_shards_and_from_text_train_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let prose: String = (0..300)
+        .map(|i| {
+            format!(
+                "The {} quick brown foxes jumped over {} lazy dogs, and nobody minded.\n",
+                i % 17,
+                i % 5
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("prose.txt"), &prose).unwrap();
+    let out = shardtrain(dir, &["tokenize", "prose.txt", "-o", "data/g"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("gpt2 tokenizer"), "{stdout}");
+    // "The" is 464 in GPT-2's vocabulary: the first token of the training shard.
+    let shard = std::fs::read(dir.join("data/g_val_000000.bin")).unwrap();
+    assert_eq!(u16::from_le_bytes([shard[1024], shard[1025]]), 464);
+
+    #[rustfmt::skip]
+    let gpt2: &[&str] = &[
+        "--set", "model.n_layer=1", "--set", "model.d_model=16", "--set", "model.n_head=1",
+        "--set", "model.seq_len=16", "--set", "model.block_size=16",
+        "--set", "model.vocab_size=50304", "--set", "data.tokenizer=gpt2",
+        "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=4",
+        "--set", "train.max_steps=4", "--set", "train.warmup_steps=1",
+        "--set", "train.eval_every=2", "--set", "train.eval_tokens=64",
+        "--set", "logging.progress=plain",
+    ];
+    let mut args = vec![
+        "train",
+        "--run-dir",
+        "runs/shards",
+        "--set",
+        "data.kind=shards",
+        "--set",
+        "data.train=data/g_train_*.bin",
+        "--set",
+        "data.val=data/g_val_*.bin",
+    ];
+    args.extend_from_slice(gpt2);
+    let out = shardtrain(dir, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let from_shards = losses(&dir.join("runs/shards"));
+    // `eval` of a run without checkpoints evaluates its final weights: the run's own number.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("runs/shards/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let final_val = summary["final_val_loss"].as_f64().unwrap();
+    let out = shardtrain(dir, &["eval", "--checkpoint", "runs/shards"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!("val_loss {final_val:.4}")) && stdout.contains("final weights"),
+        "{stdout} vs {final_val}"
+    );
+
+    let out = shardtrain(
+        dir,
+        &[
+            "sample",
+            "--run-dir",
+            "runs/shards",
+            "--prompt",
+            "The quick",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ],
+    );
+    let sample = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(sample.starts_with("The quick"), "{sample}");
+
+    // The same text as data.kind text: the same tokens, so the same losses; a second run finds
+    // the cache instead of tokenizing again.
+    for run in ["runs/text", "runs/text2"] {
+        let mut args = vec![
+            "train",
+            "--run-dir",
+            run,
+            "--set",
+            "data.kind=text",
+            "--set",
+            "data.train=prose.txt",
+        ];
+        args.extend_from_slice(gpt2);
+        let out = shardtrain(dir, &args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(losses(&dir.join(run)), from_shards, "{run}");
+    }
+    let caches: Vec<_> = std::fs::read_dir(dir.join("runs/.token-cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    assert!(caches[0].starts_with("gpt2-"), "{caches:?}");
 }

@@ -3,6 +3,7 @@
 //! Knows which subcommand calls which layer, and nothing of how training works.
 
 mod bench;
+mod eval;
 pub mod run_dir;
 mod tokenize;
 mod train_job;
@@ -45,8 +46,9 @@ enum Command {
     /// Run a command as a multi-process job: one process per rank on this node (CPU ranks, or
     /// one per GPU), e.g. `shardtrain launch --nproc-per-node 2 -- train --config c.yaml`.
     Launch(LaunchArgs),
-    /// The validation loss of a checkpoint (over train.eval_tokens of its validation data).
-    Eval(EvalArgs),
+    /// The validation loss of a checkpoint or a finished run (over train.eval_tokens of its
+    /// validation data).
+    Eval(eval::EvalArgs),
     /// Turn UTF-8 text files into token shards for `data.kind: shards`.
     Tokenize(tokenize::TokenizeArgs),
     /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
@@ -65,17 +67,6 @@ enum Command {
     /// Compare every op of a backend with the CPU reference on fresh random inputs (outputs
     /// poisoned first, so an element left unwritten fails); exits 1 if any case fails.
     Check(CheckArgs),
-}
-
-#[derive(Debug, Args)]
-struct EvalArgs {
-    /// A checkpoint (a step-N directory, or a run directory: its newest checkpoint).
-    #[arg(long, value_name = "PATH")]
-    checkpoint: PathBuf,
-    /// Override a key of the checkpoint's config, e.g. `--set train.eval_tokens=1048576` or
-    /// another `data.val` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -269,19 +260,7 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Export(args) => export_command(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
-        Command::Eval(args) => {
-            let ckpt = Checkpoint::resolve(&args.checkpoint)?;
-            let cfg = ckpt.config(&args.set)?;
-            let device = train::device::resolve(cfg.device)?;
-            let (step, dir) = (ckpt.meta.step, ckpt.dir.clone());
-            let loss = train::evaluate_checkpoint(&device, &cfg, ckpt)?;
-            println!(
-                "val_loss {loss:.4} (step {step}, {} tokens of validation data) | {}",
-                cfg.train.eval_tokens,
-                dir.display()
-            );
-            Ok(())
-        }
+        Command::Eval(args) => eval::eval_command(args),
         Command::Bench {
             command: BenchCommand::Comm(args),
         } => bench::bench_comm(args),

@@ -93,6 +93,9 @@ pub enum DataKind {
     Synthetic,
     /// Token shard files in llm.c's format (data.train, data.val), e.g. from `shardtrain tokenize`.
     Shards,
+    /// UTF-8 text files (data.train, data.val), tokenized with data.tokenizer into a cache of
+    /// shards next to the run on first use.
+    Text,
 }
 
 /// How text becomes tokens.
@@ -101,6 +104,8 @@ pub enum DataKind {
 pub enum TokenizerKind {
     /// One token per byte (vocabulary of 256).
     Bytes,
+    /// GPT-2's byte-level BPE (r50k_base, vocabulary of 50,257).
+    Gpt2,
 }
 
 /// Where training and validation tokens come from.
@@ -112,10 +117,14 @@ pub struct DataConfig {
     /// How text becomes tokens.
     pub tokenizer: TokenizerKind,
     /// Training shards (kind: shards): a path or a glob of the file name, e.g.
-    /// `data/fineweb_train_*.bin`.
+    /// `data/fineweb_train_*.bin`; for kind text, the text files, e.g. `corpus/*.txt`.
     pub train: String,
-    /// Validation shards (kind: shards), as `train`.
+    /// Validation shards (kind: shards), as `train`; for kind text, validation text files, or
+    /// empty to hold out `val_fraction` of the training text.
     pub val: String,
+    /// Kind text without `val`: the share of the training text (its first bytes) held out for
+    /// validation.
+    pub val_fraction: f64,
     /// Settings of the synthetic source (used when kind is synthetic).
     pub synthetic: SyntheticConfig,
 }
@@ -127,6 +136,7 @@ impl Default for DataConfig {
             tokenizer: TokenizerKind::Bytes,
             train: String::new(),
             val: String::new(),
+            val_fraction: 0.1,
             synthetic: SyntheticConfig::default(),
         }
     }

@@ -81,7 +81,8 @@ fn model(config: &Config, out: &mut Problems) {
         );
     }
     let (min_vocab, tokenizer) = match config.data.tokenizer {
-        TokenizerKind::Bytes => (256, "bytes"),
+        TokenizerKind::Bytes => (crate::data::tokenizer::BYTE_VOCAB, "bytes"),
+        TokenizerKind::Gpt2 => (crate::data::tokenizer::GPT2_VOCAB, "gpt2"),
     };
     if m.vocab_size < min_vocab {
         out.push(
@@ -96,22 +97,50 @@ fn model(config: &Config, out: &mut Problems) {
 }
 
 fn data(config: &Config, out: &mut Problems) {
-    if config.data.kind == DataKind::Shards {
-        if config.data.train.is_empty() {
-            out.push(
-                "data.train",
-                "data.kind is shards: name the training shard files (a path or a glob like \
-                 data/my_train_*.bin)"
-                    .to_string(),
-            );
+    let d = &config.data;
+    match d.kind {
+        DataKind::Synthetic => {}
+        DataKind::Shards => {
+            if d.train.is_empty() {
+                out.push(
+                    "data.train",
+                    "data.kind is shards: name the training shard files (a path or a glob like \
+                     data/my_train_*.bin)"
+                        .to_string(),
+                );
+            }
+            if d.val.is_empty() && config.train.eval_every > 0 {
+                out.push(
+                    "data.val",
+                    "data.kind is shards and train.eval_every > 0: name the validation shard \
+                     files, or set train.eval_every: 0"
+                        .to_string(),
+                );
+            }
         }
-        if config.data.val.is_empty() && config.train.eval_every > 0 {
-            out.push(
-                "data.val",
-                "data.kind is shards and train.eval_every > 0: name the validation shard files, \
-                 or set train.eval_every: 0"
-                    .to_string(),
-            );
+        DataKind::Text => {
+            if d.train.is_empty() {
+                out.push(
+                    "data.train",
+                    "data.kind is text: name the training text files (a path or a glob like \
+                     corpus/*.txt)"
+                        .to_string(),
+                );
+            }
+            // Without validation files the first val_fraction of the text is held out; with
+            // them, val_fraction is unused.
+            let f = d.val_fraction;
+            if d.val.is_empty() && !(0.0..1.0).contains(&f) {
+                out.push("data.val_fraction", format!("must be in [0, 1) (got {f})"));
+            }
+            if d.val.is_empty() && f == 0.0 && config.train.eval_every > 0 {
+                out.push(
+                    "data.val_fraction",
+                    "is 0 and data.val is empty, so there is no validation text: set \
+                     data.val_fraction above 0, name data.val, or set train.eval_every: 0"
+                        .to_string(),
+                );
+            }
         }
     }
     let s = &config.data.synthetic;

@@ -1,11 +1,13 @@
 //! Training data: token streams cut into (input, target) windows, behind one small trait so the
-//! trainer does not care where tokens come from (today the built-in synthetic corpus; token shard
-//! files and raw text arrive later behind the same trait).
+//! trainer does not care where tokens come from: the built-in synthetic corpus, token shard files,
+//! or raw text tokenized into a cache of shards.
 
+pub mod corpus;
 pub mod sampler;
 pub mod shards;
 pub mod source;
 pub mod synthetic;
+pub mod text_cache;
 pub mod tokenizer;
 
 /// One micro-batch: `batch` rows of `seq` tokens, targets shifted by one.

@@ -172,14 +172,21 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// All shards matching a glob pattern (sorted by path), e.g. `"data/fineweb_train_*.bin"`.
-/// `*` and `?` are matched in the file-name part only; the directory part is taken literally.
-/// Unfinished `.partial` files left by an interrupted [`write_shard`] are never matched. Each
-/// match is opened with [`Shard::open`]; no match at all is an error naming the pattern.
+/// All shards matching a glob pattern (sorted by path), e.g. `"data/fineweb_train_*.bin"`,
+/// each opened with [`Shard::open`]; no match at all is an error naming the pattern.
 pub fn open_glob(pattern: &str, vocab_size: usize) -> anyhow::Result<Vec<Shard>> {
+    let paths = match_glob(pattern, "shard")?;
+    paths.iter().map(|p| Shard::open(p, vocab_size)).collect()
+}
+
+/// The files matching a glob pattern, sorted by path. `*` and `?` are matched in the file-name
+/// part only; the directory part is taken literally. Unfinished `.partial` files left by an
+/// interrupted write are never matched. No match is an error naming the pattern and `what` the
+/// files were meant to be ("shard", "text").
+pub fn match_glob(pattern: &str, what: &str) -> anyhow::Result<Vec<PathBuf>> {
     let as_path = Path::new(pattern);
     let Some(name_pattern) = as_path.file_name().and_then(|n| n.to_str()) else {
-        bail!("shard pattern {pattern:?} has no file-name part to match");
+        bail!("{what} pattern {pattern:?} has no file-name part to match");
     };
     let dir = match as_path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -193,7 +200,7 @@ pub fn open_glob(pattern: &str, vocab_size: usize) -> anyhow::Result<Vec<Shard>>
             ""
         };
         format!(
-            "listing the directory {} for the shard pattern {pattern:?}{note}",
+            "listing the directory {} for the {what} pattern {pattern:?}{note}",
             dir.display()
         )
     })?;
@@ -201,7 +208,7 @@ pub fn open_glob(pattern: &str, vocab_size: usize) -> anyhow::Result<Vec<Shard>>
     for entry in entries {
         let entry = entry.with_context(|| {
             format!(
-                "listing the directory {} for the shard pattern {pattern:?}",
+                "listing the directory {} for the {what} pattern {pattern:?}",
                 dir.display()
             )
         })?;
@@ -219,10 +226,10 @@ pub fn open_glob(pattern: &str, vocab_size: usize) -> anyhow::Result<Vec<Shard>>
         }
     }
     if paths.is_empty() {
-        bail!("no shard files match {pattern:?}");
+        bail!("no {what} files match {pattern:?}");
     }
     paths.sort();
-    paths.iter().map(|p| Shard::open(p, vocab_size)).collect()
+    Ok(paths)
 }
 
 /// The first token that does not fit in a `u16`, as (position, token).
@@ -307,7 +314,7 @@ pub fn write_shard(path: &Path, tokens: &[u32]) -> anyhow::Result<()> {
 }
 
 /// The path of shard `index` of a split: `{prefix}_{split}_{index:06}.bin`.
-fn shard_path(prefix: &Path, split: &str, index: usize) -> PathBuf {
+pub(crate) fn shard_path(prefix: &Path, split: &str, index: usize) -> PathBuf {
     let mut name = prefix.as_os_str().to_owned();
     name.push(format!("_{split}_{index:06}.bin"));
     PathBuf::from(name)

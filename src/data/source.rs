@@ -1,5 +1,8 @@
 //! The data source a config names: the synthetic corpus, or token shard files read through the
-//! window sampler (`data.kind: shards`, `data.train` / `data.val` globs).
+//! window sampler (`data.kind: shards`, `data.train` / `data.val` globs; `data.kind: text` reads
+//! the shards its text was tokenized into).
+
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -9,8 +12,9 @@ use super::synthetic::{ArithmeticCorpus, Split};
 use super::{Batch, DataSource};
 use crate::config::{Config, DataKind};
 
-/// Opens the `split` stream of `cfg`'s data.
-pub fn open_source(cfg: &Config, split: Split) -> Result<Box<dyn DataSource>> {
+/// Opens the `split` stream of `cfg`'s data for a run in `run_dir` (whose parent holds the
+/// tokenized-text cache).
+pub fn open_source(cfg: &Config, split: Split, run_dir: &Path) -> Result<Box<dyn DataSource>> {
     match cfg.data.kind {
         DataKind::Synthetic => {
             let s = &cfg.data.synthetic;
@@ -26,16 +30,30 @@ pub fn open_source(cfg: &Config, split: Split) -> Result<Box<dyn DataSource>> {
                 Split::Train => ("data.train", &cfg.data.train),
                 Split::Val => ("data.val", &cfg.data.val),
             };
-            let source = ShardSource::open(
-                pattern,
-                cfg.model.vocab_size,
-                cfg.model.seq_len,
-                cfg.train.seed,
-            )
-            .with_context(|| format!("{key}: {pattern}"))?;
+            Ok(Box::new(
+                open_shards(cfg, pattern).with_context(|| format!("{key}: {pattern}"))?,
+            ))
+        }
+        DataKind::Text => {
+            let cached = super::text_cache::ensure_text_cache(cfg, run_dir)?;
+            let (key, pattern) = match split {
+                Split::Train => ("data.train", &cached.train),
+                Split::Val => ("data.val", &cached.val),
+            };
+            let source = open_shards(cfg, pattern)
+                .with_context(|| format!("{key} (tokenized into {})", cached.dir.display()))?;
             Ok(Box::new(source))
         }
     }
+}
+
+fn open_shards(cfg: &Config, pattern: &str) -> Result<ShardSource> {
+    ShardSource::open(
+        pattern,
+        cfg.model.vocab_size,
+        cfg.model.seq_len,
+        cfg.train.seed,
+    )
 }
 
 /// Batches of windows from token shards, in the sampler's seeded order (reshuffled each epoch).

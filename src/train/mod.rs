@@ -334,9 +334,9 @@ pub fn train_process(
     }
 }
 
-/// The validation loss of a checkpoint's weights, on one rank of `device`, over
-/// `train.eval_tokens` tokens of the config's validation data.
-pub fn evaluate_checkpoint(device: &Device, cfg: &Config, ckpt: Checkpoint) -> Result<f32> {
+/// The validation loss of weights (`start`: a checkpoint, or full weights), on one rank of
+/// `device`, over `train.eval_tokens` tokens of the config's validation data.
+pub fn evaluate(device: &Device, cfg: &Config, start: Start, run_dir: &Path) -> Result<f32> {
     let mut cfg = cfg.clone();
     cfg.parallel.world_size = 1;
     cfg.parallel.shard_group_size = 0;
@@ -349,15 +349,13 @@ pub fn evaluate_checkpoint(device: &Device, cfg: &Config, ckpt: Checkpoint) -> R
         .pop()
         .and_then(|m| m.into_inner().ok().flatten())
         .ok_or_else(|| anyhow!("no communicators for one rank"))?;
-    let start = Start::Resume(Arc::new(ckpt));
-    // Evaluation writes nothing: the run directory is never touched.
-    let nowhere = Path::new(".");
+    // Nothing is saved: the run directory only locates the tokenized-text cache (data.kind text).
     match device {
         Device::Cpu => RankTrainer::new(
             CpuBackend::<f32>::new(),
             0,
             &cfg,
-            nowhere,
+            run_dir,
             plan,
             comms,
             &start,
@@ -367,7 +365,7 @@ pub fn evaluate_checkpoint(device: &Device, cfg: &Config, ckpt: Checkpoint) -> R
             CudaBackend::new(gpu)?,
             0,
             &cfg,
-            nowhere,
+            run_dir,
             plan,
             comms,
             &start,

@@ -29,8 +29,8 @@ use crate::model::{Gpt, ParamLayout};
 use crate::shard::memory::{mib, zero_model_state_bytes, MemoryUse};
 use crate::shard::{RankComms, ShardPlan, ShardedUnits};
 
-fn data_source(cfg: &Config, split: Split) -> Result<Box<dyn DataSource>> {
-    crate::data::source::open_source(cfg, split)
+fn data_source(cfg: &Config, split: Split, run_dir: &Path) -> Result<Box<dyn DataSource>> {
+    crate::data::source::open_source(cfg, split, run_dir)
 }
 
 /// One rank's training state.
@@ -45,7 +45,8 @@ pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     /// The first step this run takes (after the checkpoint it resumed from, or 1).
     start_step: u64,
     train_data: Box<dyn DataSource>,
-    val_data: Box<dyn DataSource>,
+    /// Opened at start when the run evaluates (so bad files fail early), else on first use.
+    val_data: Option<Box<dyn DataSource>>,
 }
 
 impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
@@ -78,7 +79,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                 grad_clip: cfg.train.grad_clip,
             },
         )?;
-        let mut train_data = data_source(cfg, Split::Train)?;
+        let mut train_data = data_source(cfg, Split::Train, run_dir)?;
         let mut start_step = 1;
         match start {
             Start::Resume(ckpt) => {
@@ -118,7 +119,11 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             opt,
             start_step,
             train_data,
-            val_data: data_source(cfg, Split::Val)?,
+            val_data: if cfg.train.eval_every > 0 {
+                Some(data_source(cfg, Split::Val, run_dir)?)
+            } else {
+                None
+            },
             be,
             rank,
             cfg,
@@ -177,15 +182,25 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
     /// Mean loss over `eval_tokens` held-out tokens (the same tokens at every evaluation, split
     /// across ranks; every rank runs the same number of passes, since gathers are collective).
     fn evaluate(&mut self) -> Result<f32> {
+        let mut val_data = match self.val_data.take() {
+            Some(v) => v,
+            None => data_source(self.cfg, Split::Val, self.run_dir)?,
+        };
+        let result = self.evaluate_on(val_data.as_mut());
+        self.val_data = Some(val_data);
+        result
+    }
+
+    fn evaluate_on(&mut self, val_data: &mut dyn DataSource) -> Result<f32> {
         let (micro, seq) = (self.cfg.train.micro_batch_size, self.cfg.model.seq_len);
         let total = self.cfg.train.eval_tokens.div_ceil(micro * seq).max(1);
         let world = self.world_size();
-        self.val_data.rewind();
+        val_data.rewind();
         let (mut sum, mut count) = (0.0f32, 0.0f32);
         for round in 0..total.div_ceil(world) {
             let mut mine = None;
             for r in 0..world {
-                let batch = self.val_data.next_batch(micro, seq)?;
+                let batch = val_data.next_batch(micro, seq)?;
                 if r == self.rank {
                     mine = Some(batch);
                 }
