@@ -17,5 +17,6 @@ pub mod error;
 pub mod generate;
 pub mod launch;
 pub mod model;
+pub mod plan;
 pub mod shard;
 pub mod train;

@@ -32,29 +32,40 @@ fn error_of(text: &str, overrides: &[&str]) -> String {
 }
 
 /// configs/tiny.yaml with the line `leaf: ...` replaced by `leaf: value`, and that line's number.
-/// `leaf` may be `section.leaf` where the leaf name occurs in several sections.
+/// `leaf` may be `section.leaf` where the leaf name occurs in several sections; `section` is the
+/// innermost enclosing section or a dotted path ending in it (`synthetic`, `data.synthetic`).
 fn tiny_with(leaf: &str, value: &str) -> (String, usize) {
     let text = tiny_text();
-    let (section, leaf) = match leaf.split_once('.') {
+    let (section, leaf) = match leaf.rsplit_once('.') {
         Some((s, l)) => (Some(s), l),
         None => (None, leaf),
     };
     let mut found = None;
-    let mut current = "";
+    // Enclosing sections of the current line, as (indent, name).
+    let mut stack: Vec<(usize, String)> = Vec::new();
     let lines: Vec<String> = text
         .lines()
         .enumerate()
         .map(|(i, line)| {
             let body = line.trim_start();
-            if body.len() == line.len() && body.ends_with(':') {
-                current = body.trim_end_matches(':');
+            let indent = line.len() - body.len();
+            if body.is_empty() || body.starts_with('#') {
+                return line.to_string();
             }
-            let in_section = section.is_none_or(|s| s == current);
+            while stack.last().is_some_and(|(d, _)| *d >= indent) {
+                stack.pop();
+            }
+            if body.ends_with(':') {
+                stack.push((indent, body.trim_end_matches(':').to_string()));
+                return line.to_string();
+            }
+            let path: Vec<&str> = stack.iter().map(|(_, n)| n.as_str()).collect();
+            let path = path.join(".");
+            let in_section = section.is_none_or(|s| path == s || path.ends_with(&format!(".{s}")));
             if in_section && body.starts_with(&format!("{leaf}:")) {
                 assert!(found.is_none(), "{leaf} appears twice in tiny.yaml");
                 found = Some(i + 1);
-                let indent = &line[..line.len() - body.len()];
-                format!("{indent}{leaf}: {value}")
+                format!("{}{leaf}: {value}", &line[..indent])
             } else {
                 line.to_string()
             }
@@ -299,7 +310,7 @@ fn unknown_nested_key() {
         &format!("{ORIGIN}:{line}: model.dropout: unknown field `dropout`"),
     );
 
-    let after = line_of("val_fraction");
+    let after = line_of("synthetic.val_fraction");
     let (text, line) = tiny_inserting(after, "    seed: 3");
     let msg = error_of(&text, &[]);
     assert_contains(
@@ -539,19 +550,19 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "must be at least 1",
     ),
     (
-        "val_fraction",
+        "synthetic.val_fraction",
         "0",
         "data.synthetic.val_fraction",
         "strictly between 0 and 1",
     ),
     (
-        "val_fraction",
+        "synthetic.val_fraction",
         "1",
         "data.synthetic.val_fraction",
         "strictly between 0 and 1",
     ),
     (
-        "val_fraction",
+        "synthetic.val_fraction",
         ".nan",
         "data.synthetic.val_fraction",
         "strictly between 0 and 1",
@@ -817,4 +828,44 @@ fn bad_override_values() {
         assert_contains(&msg, &format!("--set {set}: {key}: "));
         assert_contains(&msg, problem);
     }
+}
+
+#[test]
+fn text_data_needs_files_and_a_validation_share() {
+    let text = tiny_text();
+    let msg = error_of(&text, &["data.kind=text"]);
+    assert_contains(&msg, "data.train");
+    assert_contains(&msg, "data.kind is text");
+    let msg = error_of(
+        &text,
+        &[
+            "data.kind=text",
+            "data.train=c/*.txt",
+            "data.val_fraction=1.5",
+        ],
+    );
+    assert_contains(&msg, "data.val_fraction");
+    let msg = error_of(
+        &text,
+        &[
+            "data.kind=text",
+            "data.train=c/*.txt",
+            "data.val_fraction=0",
+        ],
+    );
+    assert_contains(&msg, "no validation text");
+    // With validation files, or without evaluation, no share is needed.
+    for extra in ["data.val=v.txt", "train.eval_every=0"] {
+        let overrides = strings(&[
+            "data.kind=text",
+            "data.train=c/*.txt",
+            "data.val_fraction=0",
+            extra,
+        ]);
+        Config::from_yaml_str(&text, ORIGIN, &overrides).unwrap();
+    }
+    // GPT-2's tokenizer needs room for its 50,257 tokens.
+    let msg = error_of(&text, &["data.tokenizer=gpt2"]);
+    assert_contains(&msg, "model.vocab_size");
+    assert_contains(&msg, "50257");
 }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval;
+mod plan;
 pub mod run_dir;
 mod tokenize;
 mod train_job;
@@ -51,6 +52,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Turn UTF-8 text files into token shards for `data.kind: shards`.
     Tokenize(tokenize::TokenizeArgs),
+    /// Predict memory per GPU, step time and scaling of a config on N GPUs for every sharding
+    /// strategy, and the largest model of its shape that fits (no GPU needed).
+    Plan(plan::PlanArgs),
     /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
     Bench {
         #[command(subcommand)]
@@ -260,6 +264,7 @@ fn try_main(cli: Cli) -> Result<()> {
         }
         Command::Export(args) => export_command(args),
         Command::Tokenize(args) => tokenize::tokenize(args),
+        Command::Plan(args) => plan::plan_command(args),
         Command::Eval(args) => eval::eval_command(args),
         Command::Bench {
             command: BenchCommand::Comm(args),

@@ -4,36 +4,27 @@
 use std::fmt::Write;
 
 use super::gpt_shape;
-use crate::backend::DType;
 use crate::config::Config;
-use crate::model::activations::activation_bytes;
 use crate::model::ParamLayout;
+use crate::plan::memory::rank_memory;
+use crate::plan::Workload;
 use crate::shard::flat::ShardLayout;
 use crate::shard::memory::{mib, zero_model_state_bytes, MemoryUse};
 use crate::shard::ShardPlan;
 
 /// Per-rank bytes of persistent state (shards and optimizer) that a plan implies, before running:
-/// what `--dry-run` shows, and what a run must then measure.
+/// what `--dry-run` shows, and what a run must then measure. The formulas are `shardtrain plan`'s
+/// (`plan::memory`); its transient peaks (gathered units, unsharded gradients) are left out here.
 pub fn planned_memory(cfg: &Config, plan: &ShardPlan) -> MemoryUse {
-    let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
-    let shard_elems: usize = ShardLayout::new(&layout, plan.group_size)
-        .units
-        .iter()
-        .map(|u| u.shard_len)
-        .sum();
-    let bf16 = plan.param_dtype == DType::Bf16;
+    let accum = cfg.train.grad_accum_steps(plan.world_size);
+    let m = rank_memory(plan, &Workload::from_config(cfg), accum);
     MemoryUse {
-        master_params: shard_elems * 4,
-        param_shards: if bf16 { shard_elems * 2 } else { 0 },
+        master_params: m.master_params,
+        param_shards: m.param_shards,
         gathered_params_peak: 0,
-        grads: shard_elems * 4,
-        optimizer: shard_elems * 8,
-        activations: activation_bytes(
-            &layout.shape,
-            cfg.train.micro_batch_size,
-            cfg.model.seq_len,
-            plan.param_dtype,
-        ),
+        grads: m.grad_shards,
+        optimizer: m.optimizer,
+        activations: m.activations,
     }
 }
 
