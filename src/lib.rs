@@ -6,6 +6,7 @@
 //! device). `config` and `data` sit beside them, feeding the trainer.
 
 pub mod backend;
+pub mod bench;
 pub mod bench_comm;
 pub mod check;
 pub mod checkpoint;

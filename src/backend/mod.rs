@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod shapes;
 
 use std::fmt::Debug;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,28 @@ pub struct OpTime {
     pub total_ms: f64,
 }
 
+/// A point in time on a backend's queue, for phase timing (see [`Backend::timing_mark`]).
+#[derive(Clone, Debug)]
+pub enum TimingMark<E> {
+    /// The host clock when the mark was taken: also the device's time on a backend whose ops have
+    /// finished when they return (the CPU).
+    Host(Instant),
+    /// A device event recorded, with timing enabled, after the work issued so far (CUDA).
+    Device(E),
+}
+
+impl<E> TimingMark<E> {
+    /// Milliseconds from `self` to `end` when both are host marks (0 if `end` is earlier).
+    pub fn host_ms_to(&self, end: &TimingMark<E>) -> Option<f64> {
+        match (self, end) {
+            (TimingMark::Host(a), TimingMark::Host(b)) => {
+                Some(b.saturating_duration_since(*a).as_secs_f64() * 1e3)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// LayerNorm epsilon, as in GPT-2 and PyTorch's default.
 pub const LAYERNORM_EPS: f32 = 1e-5;
 
@@ -177,6 +200,36 @@ pub trait Backend: Send + Sync + 'static {
     /// The per-op times gathered since the last call, largest first (empty when never timed).
     fn take_op_times(&self) -> Result<Vec<OpTime>> {
         Ok(Vec::new())
+    }
+    /// Marks the work issued so far on this backend's queue, so that the time between two marks
+    /// can be read with [`Backend::elapsed_ms`] once that work has finished (phase timing). The
+    /// default reads the host clock, which is the device's time only on a backend whose ops have
+    /// finished when they return (the CPU); a backend with an asynchronous queue records a device
+    /// event with timing enabled.
+    fn timing_mark(&self) -> Result<TimingMark<Self::Event>> {
+        Ok(TimingMark::Host(Instant::now()))
+    }
+    /// Milliseconds between two marks of this backend taken with [`Backend::timing_mark`],
+    /// `start` before `end`; call it after [`Backend::synchronize`] (it may wait for the marks).
+    fn elapsed_ms(
+        &self,
+        start: &TimingMark<Self::Event>,
+        end: &TimingMark<Self::Event>,
+    ) -> Result<f64> {
+        match start.host_ms_to(end) {
+            Some(ms) => Ok(ms),
+            None => bail!("elapsed_ms: this backend records no timed device events"),
+        }
+    }
+    /// Turns on or off measuring how long the comm lane is busy running collectives' copies and
+    /// reductions (phase timing; off by default). Nothing to do where the comm lane is the
+    /// compute queue itself (the CPU).
+    fn set_comm_timing(&self, _on: bool) {}
+    /// Milliseconds the comm lane spent running collectives' work since the last call, with comm
+    /// timing on. `None` where the comm lane is the compute queue itself (the CPU): collectives
+    /// there cannot run beside compute, so their whole time is what a caller measures around them.
+    fn take_comm_busy_ms(&self) -> Result<Option<f64>> {
+        Ok(None)
     }
 
     // ---- elementwise --------------------------------------------------------------------------

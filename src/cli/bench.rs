@@ -1,22 +1,165 @@
-//! `shardtrain bench comm`: collective bandwidth with ranks as threads (`--world N`, the `local`
-//! transport) or, under a launcher, as processes (TCP on the CPU, NCCL on GPUs).
+//! `shardtrain bench`: the training benchmark's arguments, output (table, `--json`, `--plot`)
+//! and checks of its own flags (the measuring is in `crate::bench`); and `shardtrain bench comm`:
+//! collective bandwidth with ranks as threads (`--world N`, the `local` transport) or, under a
+//! launcher, as processes (TCP on the CPU, NCCL on GPUs).
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 
+use super::run_dir::utc_stamp;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::DType;
+use crate::bench::{self as train_bench, BenchOptions};
 use crate::bench_comm::{render, run, CommBenchOptions};
 use crate::comm::local::{run_ranks, LocalWorld};
 use crate::comm::nccl::{new_unique_id, NcclComm};
-use crate::config::DeviceKind;
+use crate::config::{DeviceKind, ShardStrategy};
 use crate::error::UsageError;
 use crate::launch::env::{from_process_env, RankFlags};
 use crate::train::device::{resolve_on, Device};
+
+/// `shardtrain bench` (without a subcommand): one training run per world size and strategy.
+#[derive(Debug, Args)]
+pub(super) struct BenchArgs {
+    /// YAML config of the job to measure (default: the built-in configs/tiny.yaml).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// World sizes (ranks as threads sharing the device), comma-separated.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "1,2,4", value_parser = parse_world)]
+    world: Vec<usize>,
+    /// Sharding strategies, comma-separated: full_shard, shard_grad_op, no_shard, hybrid_shard.
+    #[arg(
+        long,
+        value_name = "S,...",
+        value_delimiter = ',',
+        default_value = "full_shard,shard_grad_op,no_shard",
+        value_parser = parse_strategy
+    )]
+    strategy: Vec<ShardStrategy>,
+    /// Timed steps per row.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    steps: u64,
+    /// Untimed steps before them (allocations, first-use costs).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    warmup: u64,
+    /// The device's peak TFLOP/s for MFU (default: the datasheet figure for known GPUs in bf16;
+    /// none for CPUs).
+    #[arg(long, value_name = "X")]
+    peak_tflops: Option<f64>,
+    /// Print the report as JSON (schema shardtrain.bench/1) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write a plot of tokens/s and memory per rank against world size (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Override one config key, e.g. `--set model.n_layer=2` (repeatable, applied in order).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// cpu, cuda, or auto (a GPU when one is usable); default: the config's `device`.
+    #[arg(long, value_parser = parse_device)]
+    device: Option<DeviceKind>,
+}
+
+fn parse_world(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("world sizes must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a world size (a whole number >= 1)")),
+    }
+}
+
+fn parse_strategy(s: &str) -> Result<ShardStrategy, String> {
+    train_bench::parse_strategy(s)
+}
+
+pub(super) fn bench_train(args: BenchArgs) -> Result<()> {
+    if let Some(plot) = &args.plot {
+        check_plot_path(plot)?;
+    }
+    let mut worlds = Vec::new();
+    for w in args.world {
+        if !worlds.contains(&w) {
+            worlds.push(w);
+        }
+    }
+    let mut strategies = Vec::new();
+    for s in args.strategy {
+        if !strategies.contains(&s) {
+            strategies.push(s);
+        }
+    }
+    let opts = BenchOptions {
+        config: args.config,
+        worlds,
+        strategies,
+        steps: args.steps,
+        warmup: args.warmup,
+        peak_tflops: args.peak_tflops,
+        sets: args.set,
+        device: args.device,
+    };
+    // Progress goes to stderr: stdout is the report (JSON with --json).
+    let mut report = train_bench::run(&opts, |line| eprintln!("{line}"))?;
+    report.date = iso_date(&utc_stamp(SystemTime::now()));
+    report.command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Some(plot) = &args.plot {
+        std::fs::write(plot, train_bench::plot::render_svg(&report))
+            .with_context(|| format!("writing the plot {}", plot.display()))?;
+        eprintln!("bench: plot written to {}", plot.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", train_bench::render_table(&report));
+    }
+    Ok(())
+}
+
+/// The plot's directory must exist: found out before the runs, not after them.
+fn check_plot_path(plot: &Path) -> Result<()> {
+    let dir = match plot.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(UsageError(format!(
+            "--plot {}: the directory {} does not exist",
+            plot.display(),
+            dir.display()
+        ))
+        .into());
+    }
+    if plot.is_dir() {
+        return Err(UsageError(format!(
+            "--plot {}: is a directory; name the SVG file to write",
+            plot.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `20261126-104122` as `2026-11-26T10:41:22Z`.
+fn iso_date(stamp: &str) -> String {
+    match (
+        stamp.get(0..4),
+        stamp.get(4..6),
+        stamp.get(6..8),
+        stamp.get(9..11),
+        stamp.get(11..13),
+        stamp.get(13..15),
+    ) {
+        (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(s)) => {
+            format!("{y}-{mo}-{d}T{h}:{mi}:{s}Z")
+        }
+        _ => stamp.to_string(),
+    }
+}
 
 #[derive(Debug, Args)]
 pub(super) struct BenchCommArgs {
@@ -150,7 +293,14 @@ fn be_name(device: &Device) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{iso_date, parse_bytes, parse_world};
+
+    #[test]
+    fn world_sizes_are_positive_and_dates_are_iso() {
+        assert_eq!(parse_world("4"), Ok(4));
+        assert!(parse_world("0").is_err() && parse_world("x").is_err());
+        assert_eq!(iso_date("20261126-104122"), "2026-11-26T10:41:22Z");
+    }
 
     #[test]
     fn sizes_take_binary_suffixes() {

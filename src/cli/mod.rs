@@ -55,10 +55,15 @@ enum Command {
     /// Predict memory per GPU, step time and scaling of a config on N GPUs for every sharding
     /// strategy, and the largest model of its shape that fits (no GPU needed).
     Plan(plan::PlanArgs),
-    /// Benchmarks: `shardtrain bench comm` (collective bandwidth, nccl-tests style).
+    /// Benchmarks: `shardtrain bench --config FILE` trains at each --world size and --strategy
+    /// and reports step time, tokens/s, MFU, memory per rank and time per phase;
+    /// `shardtrain bench comm` measures collective bandwidth (nccl-tests style).
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        command: BenchCommand,
+        command: Option<BenchCommand>,
+        #[command(flatten)]
+        args: bench::BenchArgs,
     },
     /// Inspect checkpoints: `shardtrain ckpt inspect PATH`.
     Ckpt {
@@ -267,8 +272,13 @@ fn try_main(cli: Cli) -> Result<()> {
         Command::Plan(args) => plan::plan_command(args),
         Command::Eval(args) => eval::eval_command(args),
         Command::Bench {
-            command: BenchCommand::Comm(args),
+            command: Some(BenchCommand::Comm(args)),
+            ..
         } => bench::bench_comm(args),
+        Command::Bench {
+            command: None,
+            args,
+        } => bench::bench_train(args),
     }
 }
 

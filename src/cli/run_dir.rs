@@ -55,7 +55,7 @@ pub fn fresh_default(name: &str) -> PathBuf {
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC (civil-from-days, proleptic Gregorian calendar).
-fn utc_stamp(t: SystemTime) -> String {
+pub fn utc_stamp(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;

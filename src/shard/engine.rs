@@ -6,12 +6,17 @@
 //! prefetch already did) and then issues the gather of the unit that runs next, *before* handing
 //! `u` over, so on a backend with a communication stream that gather overlaps `u`'s compute. On
 //! the CPU it runs in that same order, synchronously. Every step is recorded in an optional trace.
+//!
+//! For phase timing (`shardtrain bench`), the engine can also bracket every collective call with
+//! timing marks on the compute queue ([`ShardedUnits::time_collectives`]): the time between the
+//! two marks is how long the compute queue waited for that communication (see `train::phases`).
+//! Off by default, when it costs one branch per collective.
 
 use anyhow::{Context, Result};
 
 use super::flat::ShardLayout;
 use super::plan::ShardPlan;
-use crate::backend::{Backend, Buffer, DType};
+use crate::backend::{Backend, Buffer, DType, TimingMark};
 use crate::comm::{Communicator, Pending, ReduceOp};
 use crate::model::{ParamLayout, UnitAccess};
 
@@ -71,10 +76,18 @@ pub struct ShardedUnits<B: Backend, C: Communicator> {
     pass: Pass,
     bytes: TransientBytes,
     trace: Option<Vec<Event>>,
+    /// The collectives' brackets since they were last taken, when timing them is on.
+    comm_brackets: Option<Vec<CommBracket<B>>>,
 }
 
 /// A unit's gathered parameters, with the gather's completion until its first use waits for it.
 type Gathered<B> = (<B as Backend>::Buf, Option<Pending<B>>);
+
+/// Timing marks on the compute queue just before and just after one collective call.
+pub type CommBracket<B> = (
+    TimingMark<<B as Backend>::Event>,
+    TimingMark<<B as Backend>::Event>,
+);
 
 fn size_of<B: Buffer>(b: &B) -> usize {
     b.len() * b.dtype().size_bytes()
@@ -104,6 +117,7 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
             pass: Pass::Forward,
             bytes: TransientBytes::default(),
             trace: None,
+            comm_brackets: None,
             plan,
             shards,
             comms,
@@ -134,6 +148,35 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
 
     pub fn take_trace(&mut self) -> Vec<Event> {
         self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Starts (or stops) bracketing every collective call with timing marks on the compute queue.
+    pub fn time_collectives(&mut self, on: bool) {
+        self.comm_brackets = on.then(Vec::new);
+    }
+
+    /// The collectives' brackets recorded since the last call, in issue order.
+    pub fn take_comm_brackets(&mut self) -> Vec<CommBracket<B>> {
+        self.comm_brackets
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The opening mark of a collective's bracket (`None` when collectives are not timed).
+    fn comm_begin(&self, be: &B) -> Result<Option<TimingMark<B::Event>>> {
+        match self.comm_brackets {
+            Some(_) => be.timing_mark().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Closes a collective's bracket opened by [`Self::comm_begin`].
+    fn comm_end(&mut self, be: &B, begin: Option<TimingMark<B::Event>>) -> Result<()> {
+        if let (Some(begin), Some(brackets)) = (begin, self.comm_brackets.as_mut()) {
+            brackets.push((begin, be.timing_mark()?));
+        }
+        Ok(())
     }
 
     pub fn transient_bytes(&self) -> TransientBytes {
@@ -195,11 +238,13 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
             return Ok(());
         }
         let full = be.alloc(self.shards.units[unit].padded, self.plan.param_dtype)?;
+        let timed = self.comm_begin(be)?;
         let pending = self
             .comms
             .shard
             .all_gather_start(be, &full, &self.param_shards[unit])
             .with_context(|| format!("gathering the parameters of unit {unit}"))?;
+        self.comm_end(be, timed)?;
         self.bytes.gathered_now += size_of(&full);
         self.bytes.gathered_peak = self.bytes.gathered_peak.max(self.bytes.gathered_now);
         self.gathered[unit] = Some((full, Some(pending)));
@@ -209,11 +254,14 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
 
     /// Orders the compute after `unit`'s gather (the host does not wait).
     fn wait_gathered(&mut self, be: &B, unit: usize) -> Result<()> {
-        if let Some((_, pending)) = &mut self.gathered[unit] {
-            if let Some(p) = pending.take() {
-                p.wait(be)
-                    .with_context(|| format!("waiting for the gather of unit {unit}"))?;
-            }
+        let pending = self.gathered[unit]
+            .as_mut()
+            .and_then(|(_, pending)| pending.take());
+        if let Some(p) = pending {
+            let timed = self.comm_begin(be)?;
+            p.wait(be)
+                .with_context(|| format!("waiting for the gather of unit {unit}"))?;
+            self.comm_end(be, timed)?;
         }
         Ok(())
     }
@@ -237,21 +285,25 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
         };
         let piece = if self.plan.group_size > 1 {
             let piece = be.alloc(self.shards.units[unit].shard_len, self.plan.reduce_dtype)?;
+            let timed = self.comm_begin(be)?;
             self.comms
                 .shard
                 .reduce_scatter(be, &piece, &full, ReduceOp::Sum)
                 .with_context(|| format!("reduce-scattering the gradients of unit {unit}"))?;
+            self.comm_end(be, timed)?;
             piece
         } else {
             full.clone()
         };
         if self.plan.replicas() > 1 {
+            let timed = self.comm_begin(be)?;
             self.comms
                 .replica
                 .all_reduce(be, &piece, ReduceOp::Sum)
                 .with_context(|| {
                     format!("all-reducing the gradients of unit {unit} across replicas")
                 })?;
+            self.comm_end(be, timed)?;
         }
         be.accumulate(&self.grad_shards[unit], &piece)?;
         self.bytes.grads_now -= size_of(&full);
@@ -261,13 +313,15 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
 
     /// Sum of squares of this rank's gradient shards, summed over the shard group: the squared
     /// global gradient norm (replicas hold identical shards, so they are not added again).
-    pub fn grad_norm_squared(&self, be: &B) -> Result<f32> {
+    pub fn grad_norm_squared(&mut self, be: &B) -> Result<f32> {
         let acc = be.alloc(1, DType::F32)?;
         for g in &self.grad_shards {
             be.sum_squares(&acc, g)?;
         }
         if self.plan.group_size > 1 {
+            let timed = self.comm_begin(be)?;
             self.comms.shard.all_reduce(be, &acc, ReduceOp::Sum)?;
+            self.comm_end(be, timed)?;
         }
         Ok(be.download(&acc)?[0])
     }

@@ -8,5 +8,5 @@ pub mod flat;
 pub mod memory;
 pub mod plan;
 
-pub use engine::{Event, RankComms, ShardedUnits};
+pub use engine::{CommBracket, Event, RankComms, ShardedUnits};
 pub use plan::ShardPlan;

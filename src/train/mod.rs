@@ -7,6 +7,7 @@
 pub mod device;
 pub mod metrics;
 pub mod optimizer;
+pub mod phases;
 mod plan_report;
 pub mod progress;
 mod rank;
@@ -82,6 +83,19 @@ pub struct TrainSummary {
     /// Where rank 0's device time went over the op-timed steps (`logging.profile_ops_steps`).
     pub op_times: Vec<OpTime>,
     pub weights: Option<PathBuf>,
+    /// Rank 0's time per phase of every step, when phase timing was on ([`Instruments`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub step_phases: Vec<phases::StepPhases>,
+}
+
+/// How a run is observed, never what it computes: all off for `train`; `bench` turns them on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Instruments {
+    /// Time every step's phases on the device's clock (see [`phases`]) into
+    /// [`TrainSummary::step_phases`].
+    pub phase_times: bool,
+    /// No progress output on the console (a caller that prints its own report).
+    pub quiet: bool,
 }
 
 /// Deliberate faults, for tests of failure handling.
@@ -245,6 +259,18 @@ pub fn train_on(
     start: &Start,
     faults: &Faults,
 ) -> Result<TrainSummary> {
+    train_instrumented(device, cfg, run_dir, start, faults, Instruments::default())
+}
+
+/// [`train_on`] with the instruments given (ranks as threads of this process).
+pub fn train_instrumented(
+    device: &Device,
+    cfg: &Config,
+    run_dir: &Path,
+    start: &Start,
+    faults: &Faults,
+    instruments: Instruments,
+) -> Result<TrainSummary> {
     let plan = ShardPlan::new(&cfg.parallel);
     let world = LocalWorld::new(
         plan.world_size,
@@ -267,6 +293,7 @@ pub fn train_on(
                 comms,
                 start,
             )?
+            .instrument(instruments)
             .run(faults),
             Device::Cuda(gpu) => RankTrainer::new(
                 CudaBackend::new(gpu)?,
@@ -277,6 +304,7 @@ pub fn train_on(
                 comms,
                 start,
             )?
+            .instrument(instruments)
             .run(faults),
         }
     })?;

@@ -9,12 +9,13 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::metrics::{MetricsWriter, StepRecord};
 use super::optimizer::{AdamW, AdamWConfig};
+use super::phases::{Phase, PhaseTimer};
 use super::plan_report::planned_memory;
 use super::progress::Progress;
 use super::schedule::LrSchedule;
 use super::{
-    checkpoint_root, gpt_shape, initial_weights, stop_requested, weights, Faults, Start,
-    TrainSummary, WEIGHTS_FILE,
+    checkpoint_root, gpt_shape, initial_weights, stop_requested, weights, Faults, Instruments,
+    Start, TrainSummary, WEIGHTS_FILE,
 };
 use crate::backend::{Backend, Buffer, DType};
 use crate::checkpoint::meta::UnitMeta;
@@ -47,6 +48,10 @@ pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     train_data: Box<dyn DataSource>,
     /// Opened at start when the run evaluates (so bad files fail early), else on first use.
     val_data: Option<Box<dyn DataSource>>,
+    /// Phase timing of every step (`Instruments::phase_times`); `None` in normal training.
+    phases: Option<PhaseTimer<B>>,
+    /// No console progress (`Instruments::quiet`).
+    quiet: bool,
 }
 
 impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
@@ -128,7 +133,45 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             rank,
             cfg,
             run_dir,
+            phases: None,
+            quiet: false,
         })
+    }
+
+    /// Turns on what `instruments` asks for (phase timing also makes the engine bracket its
+    /// collectives and the backend time its comm lane).
+    pub(super) fn instrument(mut self, instruments: Instruments) -> Self {
+        if instruments.phase_times {
+            self.phases = Some(PhaseTimer::default());
+            self.units.time_collectives(true);
+            self.be.set_comm_timing(true);
+        }
+        self.quiet = instruments.quiet;
+        self
+    }
+
+    /// Ends the timed phase in progress and begins `next`, first handing the timer the
+    /// collectives the engine ran meanwhile (no-op unless phases are timed).
+    fn phase(&mut self, next: Option<Phase>) -> Result<()> {
+        if let Some(timer) = &mut self.phases {
+            timer.add_comm(self.units.take_comm_brackets());
+            timer.switch(&self.be, next)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` (one of the trainer's own collectives), bracketed as communication when phases
+    /// are timed.
+    fn timed_comm<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let begin = match self.phases {
+            Some(_) => Some(self.be.timing_mark()?),
+            None => None,
+        };
+        let out = f(self)?;
+        if let (Some(begin), Some(timer)) = (begin, self.phases.as_mut()) {
+            timer.add_comm(vec![(begin, self.be.timing_mark()?)]);
+        }
+        Ok(out)
     }
 
     fn world_size(&self) -> usize {
@@ -163,6 +206,10 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         let inputs = self.be.upload_ids(&batch.inputs)?;
         let targets = self.be.upload_ids(&batch.targets)?;
         self.units.start_micro_batch(last_of_step);
+        // Only training passes are timed (evaluation's forward passes are not a step's).
+        if grad_scale.is_some() {
+            self.phase(Some(Phase::Forward))?;
+        }
         self.model.forward(
             &self.be,
             &mut self.units,
@@ -173,8 +220,10 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             batch.seq,
         )?;
         if grad_scale.is_some() {
+            self.phase(Some(Phase::Backward))?;
             self.units.start_backward();
             self.model.backward(&self.be, &mut self.units, &inputs)?;
+            self.phase(None)?;
         }
         self.model.mean_loss(&self.be)
     }
@@ -365,8 +414,8 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         } else {
             None
         };
-        let progress =
-            lead.then(|| Progress::new(cfg.logging.progress, t.max_steps, cfg.logging.every_steps));
+        let progress = (lead && !self.quiet)
+            .then(|| Progress::new(cfg.logging.progress, t.max_steps, cfg.logging.every_steps));
         let numel = self.model.layout.numel();
         let zero = zero_model_state_bytes(&plan, numel);
         if let Some(p) = &progress {
@@ -394,6 +443,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
 
         let mut train_seconds = 0.0f64;
         let mut step_times = Vec::with_capacity(t.max_steps as usize);
+        let mut step_phases = Vec::new();
         let profile_from = t.max_steps.saturating_sub(cfg.logging.profile_ops_steps) + 1;
         let started = Instant::now();
         let mut losses = Vec::with_capacity(t.max_steps as usize);
@@ -434,12 +484,15 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             // A stop request (a signal, seen by any rank) rides on the loss reduction, so every
             // rank agrees on the step after which the job stops.
             let stop_here = (lead && faults.stop_at_step == Some(step)) || stop_requested();
-            let totals = self.sum_over_ranks(&[local_loss, f32::from(u8::from(stop_here))])?;
+            let totals = self.timed_comm(|me| {
+                me.sum_over_ranks(&[local_loss, f32::from(u8::from(stop_here))])
+            })?;
             let loss = totals[0] / (accum * world) as f32;
             let stop = totals[1] > 0.0;
             if !loss.is_finite() {
                 bail!("the training loss became {loss} at step {step}; try a lower train.lr");
             }
+            self.phase(Some(Phase::Optimizer))?;
             let grad_norm = self.units.grad_norm_squared(&self.be)?.sqrt();
             let clip = self.opt.config().clip_scale(grad_norm);
             let lr = schedule.at(step);
@@ -450,11 +503,17 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                 lr,
                 clip,
             )?;
+            self.phase(None)?;
             self.units.release_all(&self.be)?;
             self.be.synchronize()?;
             let step_seconds = step_start.elapsed().as_secs_f64();
             train_seconds += step_seconds;
             step_times.push(step_seconds);
+            // Read after the step's clock stopped: reading the marks is not the step's time.
+            if let Some(timer) = &mut self.phases {
+                timer.add_comm(self.units.take_comm_brackets());
+                step_phases.push(timer.finish_step(&self.be, step_seconds * 1e3)?);
+            }
 
             let eval_due =
                 t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.max_steps);
@@ -541,6 +600,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             device_memory_peak: self.be.memory_in_use().map(|(_, peak)| peak),
             op_times,
             weights,
+            step_phases,
         };
         let path = self.run_dir.join("summary.json");
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)

@@ -99,6 +99,11 @@ impl CudaDevice {
         }))
     }
 
+    /// The GPU's name as the driver reports it ("NVIDIA H100 80GB HBM3").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
     pub fn describe(&self) -> String {
         format!(

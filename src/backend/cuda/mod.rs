@@ -16,6 +16,7 @@ mod profile;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::bf16;
 
@@ -24,7 +25,7 @@ pub use memory::{CudaBuf, CudaIds, MemoryStats};
 
 use super::{
     expect_dtype, expect_len, shapes, AdamWStep, AttentionShape, Backend, Buffer, DType,
-    MatmulSpec, OpTime,
+    MatmulSpec, OpTime, TimingMark,
 };
 use blas::Blas;
 use launch::{grid_for, int, launch, row_block, Arg, BLOCK};
@@ -344,6 +345,50 @@ impl Backend for CudaBackend {
     fn take_op_times(&self) -> Result<Vec<OpTime>> {
         self.synchronize()?;
         self.profiler.take()
+    }
+
+    fn timing_mark(&self) -> Result<TimingMark<CudaMark>> {
+        // `record_event`'s events are made with CU_EVENT_DISABLE_TIMING (cheaper to wait on);
+        // cuEventElapsedTime needs an event made with timing, so these are made on their own.
+        let event = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow!("recording a CUDA timing event: {e:?}"))?;
+        Ok(TimingMark::Device(CudaMark(Arc::new(event))))
+    }
+
+    fn elapsed_ms(&self, start: &TimingMark<CudaMark>, end: &TimingMark<CudaMark>) -> Result<f64> {
+        match (start, end) {
+            // cuEventElapsedTime (cudarc waits for both events first): the GPU's clock between
+            // the two points of the stream, about 0.5 us resolution.
+            (TimingMark::Device(a), TimingMark::Device(b)) => {
+                a.0.elapsed_ms(&b.0)
+                    .map(f64::from)
+                    .map_err(|e| anyhow!("reading the time between two CUDA events: {e:?}"))
+            }
+            _ => start.host_ms_to(end).ok_or_else(|| {
+                anyhow!("elapsed_ms: a host mark and a CUDA event cannot be compared")
+            }),
+        }
+    }
+
+    fn set_comm_timing(&self, on: bool) {
+        // Everything the comm lane runs is collectives' work (copies, reductions), and each op is
+        // timed by its own events on the lane's stream, recorded after the lane's waits for the
+        // ranks' inputs: their sum is the time the lane was busy, waits excluded.
+        if let Some(lane) = &self.lane {
+            lane.profiler.set(on);
+        }
+    }
+
+    fn take_comm_busy_ms(&self) -> Result<Option<f64>> {
+        match &self.lane {
+            Some(lane) => {
+                lane.synchronize()?;
+                Ok(Some(lane.profiler.take()?.iter().map(|t| t.total_ms).sum()))
+            }
+            None => Ok(None),
+        }
     }
 
     fn fill(&self, dst: &CudaBuf, value: f32) -> Result<()> {

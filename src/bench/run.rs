@@ -1,0 +1,172 @@
+//! One bench row: a real training run in this process (ranks as threads, as `train` runs them)
+//! with phase timing on, in a scratch run directory that is removed afterwards, and its summary
+//! turned into the row's figures. The rows' directories sit in one scratch directory of the
+//! whole bench, so what a run keeps beside its run directory (the token cache of `data.kind:
+//! text`) is shared by the rows and removed with it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+
+use super::report::{BenchRow, MemoryBytes, PhasesMs, Spread};
+use super::rows::strategy_name;
+use crate::config::Config;
+use crate::train::device::Device;
+use crate::train::phases::StepPhases;
+use crate::train::{self, Faults, Instruments, Start, TrainSummary};
+
+/// What turns a row's times into rates.
+pub(super) struct Rates {
+    pub flops_per_token: f64,
+    /// FLOP/s of all the devices the ranks share; `None`: no MFU.
+    pub peak_flops: Option<f64>,
+}
+
+/// Trains `cfg` (a row's config) in a fresh directory inside `scratch` and measures it; the first
+/// `warmup` steps are not timed.
+pub(super) fn run_row(
+    scratch: &ScratchDir,
+    device: &Device,
+    cfg: &Config,
+    start: &Start,
+    warmup: u64,
+    rates: &Rates,
+) -> Result<(BenchRow, TrainSummary)> {
+    let dir = ScratchDir::new_in(scratch.path(), "row")?;
+    let instruments = Instruments {
+        phase_times: true,
+        quiet: true,
+    };
+    let summary = train::train_instrumented(
+        device,
+        cfg,
+        dir.path(),
+        start,
+        &Faults::default(),
+        instruments,
+    )?;
+    let row = row_of(cfg, &summary, warmup, rates)?;
+    Ok((row, summary))
+}
+
+/// The row's figures from a finished run's summary.
+pub(super) fn row_of(
+    cfg: &Config,
+    s: &TrainSummary,
+    warmup: u64,
+    rates: &Rates,
+) -> Result<BenchRow> {
+    let timed: &[StepPhases] = s.step_phases.get(warmup as usize..).unwrap_or(&[]);
+    anyhow::ensure!(
+        !timed.is_empty(),
+        "the run of world {} took {} steps with phase times, none after the {warmup} warm-up steps",
+        s.world_size,
+        s.step_phases.len()
+    );
+    let world = cfg.parallel.world_size;
+    let step_ms: Vec<f64> = timed.iter().map(|p| p.step_ms).collect();
+    let spread = Spread::of(&step_ms);
+    let tokens_per_step = (cfg.train.global_batch_size * cfg.model.seq_len) as f64;
+    let tokens_per_s = tokens_per_step / (spread.median / 1e3);
+    let mean = StepPhases::mean(timed);
+    let m = &s.memory;
+    Ok(BenchRow {
+        world_size: world,
+        strategy: strategy_name(cfg.parallel.strategy),
+        micro_batch_size: cfg.train.micro_batch_size,
+        global_batch_size: cfg.train.global_batch_size,
+        steps: timed.len() as u64,
+        ms_per_step: spread,
+        tokens_per_s,
+        tokens_per_s_per_rank: tokens_per_s / world as f64,
+        mfu: rates
+            .peak_flops
+            .map(|peak| tokens_per_s * rates.flops_per_token / peak),
+        memory_bytes: MemoryBytes {
+            params: m.master_params + m.param_shards + m.gathered_params_peak,
+            grads: m.grads,
+            optimizer: m.optimizer,
+            activations: m.activations,
+            total: m.total(),
+        },
+        phases_ms: PhasesMs {
+            forward: mean.forward_ms,
+            backward: mean.backward_ms,
+            optimizer: mean.optimizer_ms,
+            comm_exposed: mean.comm_exposed_ms,
+            comm_overlapped: mean.comm_overlapped_ms(),
+            comm_total: mean.comm_total_ms.max(mean.comm_exposed_ms),
+            other: mean.other_ms(),
+        },
+        grad_accum_steps: cfg.train.grad_accum_steps(world),
+        device_memory_peak: s.device_memory_peak,
+        first_loss: s.first_loss,
+        final_loss: s.final_loss,
+    })
+}
+
+/// A fresh directory, removed (with everything in it) when dropped, also when a run fails.
+pub(super) struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// A new directory in the system's temporary directory.
+    pub(super) fn new() -> Result<ScratchDir> {
+        ScratchDir::new_in(&std::env::temp_dir(), "shardtrain-bench")
+    }
+
+    /// A new directory in `base`, named `prefix` and a unique suffix.
+    fn new_in(base: &Path, prefix: &str) -> Result<ScratchDir> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!("{prefix}-{}-{nanos}-{n}", std::process::id()));
+            // create_dir (not create_dir_all) fails on an existing path: the directory is ours.
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(ScratchDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("creating a scratch run directory in {}", base.display())
+                    })
+                }
+            }
+        }
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!("could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_directories_are_fresh_and_removed() {
+        let a = ScratchDir::new().unwrap();
+        let b = ScratchDir::new().unwrap();
+        assert_ne!(a.path(), b.path());
+        let row = ScratchDir::new_in(a.path(), "row").unwrap();
+        assert_eq!(row.path().parent(), Some(a.path()));
+        std::fs::write(row.path().join("f"), "x").unwrap();
+        std::fs::write(a.path().join("cache"), "x").unwrap();
+        let (path, row_path) = (a.path().to_path_buf(), row.path().to_path_buf());
+        drop(row);
+        assert!(!row_path.exists() && path.exists());
+        drop(a);
+        assert!(!path.exists());
+    }
+}
