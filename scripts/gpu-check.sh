@@ -8,7 +8,7 @@
 #                                    cargo when the machine has it; exits non-zero if a check fails
 #
 # Environment: OUT (where run directories and the log go; default a temp dir), SKIP_ANCHOR=1 (no
-# PyTorch), GPT2_STEPS (timed GPT-2 steps, default 30). Takes about 4-5 minutes on an H100.
+# PyTorch), GPT2_STEPS (timed GPT-2 steps, default 30). Takes about 5-6 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -124,6 +124,21 @@ EOF
 
 note "6. collective bandwidth: 4 ranks sharing the GPU (device-to-device copies), for reference"
 "$BIN" bench comm --device cuda --world 4 --max-bytes 256M --iters 5 || FAILED+=("bench comm")
+
+note "7. bench on the GPU: phases from CUDA events (exposed vs overlapped comm), then plan calibrated by it"
+"$BIN" bench --config configs/tiny.yaml --device cuda --world 1,2,4 --steps 10 || FAILED+=("bench tiny")
+"$BIN" bench --config configs/gpt2-124m.yaml --device cuda --world 1 --strategy full_shard --steps 8 \
+    --set train.global_batch_size=16 --json > "$OUT/gpt2-bench.json" || FAILED+=("bench gpt2")
+check "bench gpt2 json" python3 - "$OUT/gpt2-bench.json" <<'EOF2'
+import json, sys
+b = json.load(open(sys.argv[1]))
+for r in b["rows"]:
+    p = r["phases_ms"]
+    print(f"{b['card']}: world {r['world_size']} {r['strategy']}: {r['ms_per_step']['median']:.1f} ms/step, "
+          f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']}, fwd {p['forward']:.1f} bwd {p['backward']:.1f} "
+          f"opt {p['optimizer']:.1f} comm exposed {p['comm_exposed']:.1f} overlapped {p['comm_overlapped']:.1f} ms")
+EOF2
+"$BIN" plan --config configs/gpt2-124m.yaml --gpus 8 --calibrate "$OUT/gpt2-bench.json" | tail -8 || FAILED+=("plan calibrated")
 
 if [ "${SKIP_ANCHOR:-0}" != 1 ]; then
     note "5. PyTorch anchor on the same card (eager, torch.compile)"
