@@ -18,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod launch;
 pub mod model;
+pub mod numbers;
 pub mod plan;
 pub mod shard;
 pub mod train;

@@ -8,23 +8,11 @@ use std::process::{Command, Output};
 
 mod common;
 
-use common::small_config;
+use common::{shardtrain, small_config, text};
 use serde_json::Value;
 use shardtrain::config::ShardStrategy;
 use shardtrain::train::device::Device;
 use shardtrain::train::{train_instrumented, train_on, Faults, Instruments, Start};
-
-fn shardtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the shardtrain binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// configs/tiny.yaml (added by `bench_in`) made very small; global batch 8 in micro-batches of 2 suits worlds 1, 2, 4.
 #[rustfmt::skip]

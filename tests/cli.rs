@@ -3,19 +3,9 @@
 //! bad input ends with exit code 2, a message naming the file, key and line, and nothing written.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn shardtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the shardtrain binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+mod common;
+use common::{shardtrain, text};
 
 /// A smaller, faster variant of the tiny job (the full one is the README's first command).
 #[rustfmt::skip]

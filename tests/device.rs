@@ -3,22 +3,11 @@
 //! op check runs against the CPU backend itself. (On a GPU machine, `scripts/gpu-check.sh` covers
 //! the other side; these tests then check only what still applies.)
 
-use std::process::{Command, Output};
+mod common;
+use common::{shardtrain, text};
 
 use shardtrain::backend::cuda::unavailable_reason;
 use shardtrain::backend::kernels::CUDA_COMPILED;
-
-fn shardtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the shardtrain binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Whether this machine and build can run the CUDA backend.
 fn gpu_usable() -> bool {

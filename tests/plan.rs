@@ -3,11 +3,11 @@
 //! line: tables, JSON, calibration from a bench file, and bad input exiting 2 naming the flag or file.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 
-use common::{small_config, STRATEGIES};
+use common::{small_config, text, STRATEGIES};
 use shardtrain::backend::DType;
 use shardtrain::config::{Config, DeviceKind, ShardStrategy};
 use shardtrain::plan::memory::{rank_memory, RankMemory};
@@ -169,16 +169,7 @@ fn the_large_configs_write_every_key_and_have_their_published_shapes() {
 // ------------------------------------------------------------ the command line
 
 fn shardtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the shardtrain binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    common::shardtrain_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
 }
 
 fn success(args: &[&str]) -> String {

@@ -3,20 +3,9 @@
 //! the checkpoint).
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn shardtrain(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
-        .current_dir(dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the shardtrain binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{shardtrain_in, text};
 
 #[rustfmt::skip]
 const SMALL: &[&str] = &[
@@ -57,7 +46,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
             .collect();
         std::fs::write(dir.join(format!("doc{d}.txt")), body).unwrap();
     }
-    let out = shardtrain(
+    let out = shardtrain_in(
         dir,
         &[
             "tokenize",
@@ -82,7 +71,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
 
     let mut args = vec!["train", "--run-dir", "run", "--set", "train.max_steps=10"];
     args.extend_from_slice(SMALL);
-    let out = shardtrain(dir, &args);
+    let out = shardtrain_in(dir, &args);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
@@ -90,7 +79,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
         "{stdout}"
     );
 
-    let out = shardtrain(
+    let out = shardtrain_in(
         dir,
         &[
             "sample",
@@ -118,7 +107,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
     args.extend_from_slice(SMALL);
     let mut first = args.clone();
     first[4] = "train.max_steps=10";
-    let out = shardtrain(dir, &first);
+    let out = shardtrain_in(dir, &first);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let full = losses(&dir.join("split"));
     let ckpt = dir.join("split/checkpoints/step-00000005");
@@ -128,7 +117,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
         meta.contains("\"kind\": \"shards\""),
         "the sampler position is saved"
     );
-    let out = shardtrain(
+    let out = shardtrain_in(
         dir,
         &[
             "train",
@@ -147,7 +136,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("split/summary.json")).unwrap())
             .unwrap();
     let final_val = summary["final_val_loss"].as_f64().unwrap();
-    let out = shardtrain(dir, &["eval", "--checkpoint", "split"]);
+    let out = shardtrain_in(dir, &["eval", "--checkpoint", "split"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("step 10"), "{stdout}");
@@ -155,7 +144,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
         stdout.contains(&format!("val_loss {final_val:.4}")),
         "{stdout} vs {final_val}"
     );
-    let out = shardtrain(
+    let out = shardtrain_in(
         dir,
         &[
             "sample",
@@ -174,7 +163,7 @@ fn tokenize_then_train_evaluate_sample_and_resume_on_shards() {
     std::fs::write(dir.join("data/my_train_000009.bin"), b"not a shard").unwrap();
     let mut args = vec!["train", "--run-dir", "bad", "--set", "train.max_steps=2"];
     args.extend_from_slice(SMALL);
-    let out = shardtrain(dir, &args);
+    let out = shardtrain_in(dir, &args);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -200,7 +189,7 @@ fn gpt2_tokens_from_shards_and_from_text_train_alike() {
         })
         .collect();
     std::fs::write(dir.join("prose.txt"), &prose).unwrap();
-    let out = shardtrain(dir, &["tokenize", "prose.txt", "-o", "data/g"]);
+    let out = shardtrain_in(dir, &["tokenize", "prose.txt", "-o", "data/g"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains("gpt2 tokenizer"), "{stdout}");
@@ -230,7 +219,7 @@ fn gpt2_tokens_from_shards_and_from_text_train_alike() {
         "data.val=data/g_val_*.bin",
     ];
     args.extend_from_slice(gpt2);
-    let out = shardtrain(dir, &args);
+    let out = shardtrain_in(dir, &args);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let from_shards = losses(&dir.join("runs/shards"));
     // `eval` of a run without checkpoints evaluates its final weights: the run's own number.
@@ -239,7 +228,7 @@ fn gpt2_tokens_from_shards_and_from_text_train_alike() {
     )
     .unwrap();
     let final_val = summary["final_val_loss"].as_f64().unwrap();
-    let out = shardtrain(dir, &["eval", "--checkpoint", "runs/shards"]);
+    let out = shardtrain_in(dir, &["eval", "--checkpoint", "runs/shards"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -247,7 +236,7 @@ fn gpt2_tokens_from_shards_and_from_text_train_alike() {
         "{stdout} vs {final_val}"
     );
 
-    let out = shardtrain(
+    let out = shardtrain_in(
         dir,
         &[
             "sample",
@@ -278,7 +267,7 @@ fn gpt2_tokens_from_shards_and_from_text_train_alike() {
             "data.train=prose.txt",
         ];
         args.extend_from_slice(gpt2);
-        let out = shardtrain(dir, &args);
+        let out = shardtrain_in(dir, &args);
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(losses(&dir.join(run)), from_shards, "{run}");
     }

@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use super::report::{thousands, BenchReport};
+use super::report::BenchReport;
+use crate::numbers::thousands;
 
 const PANEL_W: f64 = 470.0;
 const PANEL_H: f64 = 360.0;

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::numbers::thousands;
 use serde::{Deserialize, Serialize};
 
 /// The schema name in every report.
@@ -273,25 +274,6 @@ fn ms(x: f64) -> String {
     } else {
         format!("{x:.0}")
     }
-}
-
-/// A whole number with thousands separators (`12,345`).
-pub fn thousands(x: f64) -> String {
-    if !x.is_finite() {
-        return "-".to_string();
-    }
-    let digits = format!("{:.0}", x.abs());
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if x < 0.0 && digits != "0" {
-        out.insert(0, '-');
-    }
-    out
 }
 
 /// `x` with an SI prefix (`5.43 M`, `860 G`).

@@ -7,6 +7,7 @@ use super::hardware::GIB;
 use super::rate::RateSource;
 use super::{strategy_name, PlanReport, Section, StrategyPlan, StrategyRow};
 use crate::backend::DType;
+use crate::numbers::thousands;
 
 /// The JSON document (`--json`).
 pub fn to_json(report: &PlanReport) -> serde_json::Result<String> {
@@ -307,25 +308,6 @@ fn layers(n: usize, at_limit: bool) -> String {
         (n, true) => format!(">={n}"),
         (n, false) => n.to_string(),
     }
-}
-
-/// An integer with thousands separators: 1234567 -> "1,234,567".
-pub fn thousands(x: f64) -> String {
-    if !x.is_finite() {
-        return format!("{x}");
-    }
-    let digits = format!("{:.0}", x.abs());
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if x < 0.0 {
-        out.insert(0, '-');
-    }
-    out
 }
 
 /// A count with a unit: 124.5M, 6.66B.

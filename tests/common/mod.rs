@@ -1,7 +1,30 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::path::Path;
+use std::process::{Command, Output};
+
 use shardtrain::config::{Config, ShardStrategy};
+
+/// Runs the `shardtrain` binary with `args` (quiet logs) and waits for it.
+pub fn shardtrain(args: &[&str]) -> Output {
+    shardtrain_in(Path::new("."), args)
+}
+
+/// [`shardtrain`] with `dir` as the working directory.
+pub fn shardtrain_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shardtrain"))
+        .current_dir(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the shardtrain binary runs")
+}
+
+/// A process's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
 
 /// A small job: 24 sequences of 16 tokens per step, divisible into micro-batches of 2 for every
 /// world size 1..4.
