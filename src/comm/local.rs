@@ -554,25 +554,62 @@ impl Communicator for LocalComm {
     }
 
     fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {
+        // As a ring does it: a reduce-scatter, then an all-gather, inside one collective. Each
+        // rank sums only its 1/N of the array (N times less work than every rank summing all of
+        // it) into a piece of its own; once every rank has (a barrier on the comm lane's events),
+        // each copies every rank's piece into its `buf`. Every element is still summed in rank
+        // order, so the bits equal those of summing the whole array on one rank.
+        let world = self.world_size();
         let signature = format!("all_reduce(buf: {}, {op})", desc(buf));
-        // Every rank reduces into its own scratch buffer (allocated here, on the compute side,
-        // before the collective starts); `buf` is overwritten only after every rank has finished
-        // reading every `buf`.
         let label = format!("all_reduce on ranks {:?}", self.group.ranks);
-        let scratch = self.device(&label, be.alloc(buf.len(), buf.dtype()))?;
+        let len = buf.len();
+        let chunk = len.div_ceil(world).max(1);
+        let part = |k: usize| {
+            let start = (k * chunk).min(len);
+            (start, chunk.min(len - start))
+        };
+        let piece = self.device(&label, be.alloc(chunk, buf.dtype()))?;
+        let me = self.me;
         let started = self.collective(
             be,
             "all_reduce",
             signature,
             None,
-            vec![buf.clone()],
+            vec![buf.clone(), piece.clone()],
             |lane, peers| {
-                let pieces: Vec<B::Buf> = peers.iter().map(|p| p[0].clone()).collect();
-                reduce_into(lane, &scratch, &pieces, op)
+                let (start, n) = part(me);
+                if n > 0 {
+                    let parts = peers
+                        .iter()
+                        .map(|p| lane.slice(&p[0], start, n))
+                        .collect::<Result<Vec<_>>>()?;
+                    reduce_into(lane, &lane.slice(&piece, 0, n)?, &parts, op)?;
+                }
+                // Every rank has summed its part, and so has finished reading every `buf`.
+                let summed = lane.record_event()?;
+                let (_, marks) = self.group.phase(
+                    me,
+                    "all_reduce",
+                    Deposit::departure(Box::new(summed)),
+                    false,
+                )?;
+                for mark in &marks {
+                    let event = mark
+                        .payload
+                        .downcast_ref::<B::Event>()
+                        .ok_or_else(|| anyhow!("the ranks' events are of different types"))?;
+                    lane.wait_event(event)?;
+                }
+                for (k, p) in peers.iter().enumerate() {
+                    let (start, n) = part(k);
+                    if n > 0 {
+                        lane.copy(&lane.slice(buf, start, n)?, &lane.slice(&p[1], 0, n)?)?;
+                    }
+                }
+                Ok(())
             },
         )?;
-        self.finish(be, "all_reduce", started)?;
-        self.device(&label, be.copy(buf, &scratch))
+        self.finish(be, "all_reduce", started)
     }
 
     fn broadcast<B: Backend>(&self, be: &B, buf: &B::Buf, root: usize) -> Result<()> {
