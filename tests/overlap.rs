@@ -1147,3 +1147,71 @@ fn two_queues_change_no_result_bit_for_bit() {
         assert_ne!(plain[0].shards[1][..4], init[1][..4]);
     }
 }
+
+/// A block's gradient reduce-scatter, issued when its backward is done, runs on the comm lane
+/// beside the next block's backward: the compute queue waits for it only inside the next unit's
+/// `backward_done`, after that unit's compute was issued. The root's, the last of the backward,
+/// is waited for in its own call.
+#[test]
+fn a_blocks_reduce_scatter_is_waited_for_after_the_next_units_backward() {
+    let (log, _) = logged_run(true, true);
+    for rank in 0..WORLD {
+        let entries: Vec<Entry> = log.iter().copied().filter(|e| e.rank() == rank).collect();
+        let blocks = lane_blocks(rank, &entries).unwrap_or_else(|e| panic!("{e}"));
+        // Every backward_done call: (unit, enter, leave).
+        let mut calls = Vec::new();
+        let mut open = None;
+        for (i, e) in entries.iter().enumerate() {
+            match *e {
+                Entry::Mark {
+                    mark: Mark::Enter(Access::BackwardDone, u),
+                    ..
+                } => open = Some((u, i)),
+                Entry::Mark {
+                    mark: Mark::Leave(Access::BackwardDone, u),
+                    ..
+                } => {
+                    let (unit, enter) = open.take().expect("a call was entered");
+                    assert_eq!(unit, u);
+                    calls.push((u, enter, i));
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(calls.len(), STEPS * (LAYERS + 1), "rank {rank}");
+        for (k, &(unit, enter, leave)) in calls.iter().enumerate() {
+            let issued: Vec<&LaneBlock> = blocks
+                .iter()
+                .filter(|b| b.start > enter && b.end < leave)
+                .collect();
+            assert_eq!(
+                issued.len(),
+                1,
+                "rank {rank}: backward_done({unit}) should issue one reduce-scatter:\n{}",
+                excerpt(&entries, enter, leave + 1)
+            );
+            let (scatter_end, done) = (issued[0].end, issued[0].done);
+            let wait = entries
+                .iter()
+                .position(|e| matches!(*e, Entry::Wait { queue, id, .. } if queue == COMPUTE && id == done))
+                .unwrap_or_else(|| panic!("rank {rank}: unit {unit}'s reduce-scatter is never waited for"));
+            let (waiter, waiter_enter, waiter_leave) = if unit == ParamLayout::EMBED_HEAD_UNIT {
+                (unit, enter, leave)
+            } else {
+                calls[k + 1]
+            };
+            assert!(
+                wait > waiter_enter && wait < waiter_leave,
+                "rank {rank}: unit {unit}'s reduce-scatter is waited for at {wait}, not inside \
+                 backward_done({waiter}) ({waiter_enter}..{waiter_leave})"
+            );
+            if unit != ParamLayout::EMBED_HEAD_UNIT {
+                assert!(
+                    entries[scatter_end..wait].iter().any(Entry::is_compute_op),
+                    "rank {rank}: nothing computes beside unit {unit}'s reduce-scatter:\n{}",
+                    excerpt(&entries, scatter_end, wait + 1)
+                );
+            }
+        }
+    }
+}

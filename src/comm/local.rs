@@ -527,6 +527,17 @@ impl Communicator for LocalComm {
         full: &B::Buf,
         op: ReduceOp,
     ) -> Result<()> {
+        let pending = self.reduce_scatter_start(be, out, full, op)?;
+        self.finish(be, "reduce_scatter", ((), pending))
+    }
+
+    fn reduce_scatter_start<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        full: &B::Buf,
+        op: ReduceOp,
+    ) -> Result<Pending<B>> {
         let world = self.world_size();
         let n = out.len();
         let signature = format!(
@@ -536,7 +547,7 @@ impl Communicator for LocalComm {
         );
         let problem = reduce_scatter_problem(full.len(), n, world);
         let me = self.me;
-        let started = self.collective(
+        let ((), pending) = self.collective(
             be,
             "reduce_scatter",
             signature,
@@ -550,7 +561,7 @@ impl Communicator for LocalComm {
                 reduce_into(lane, out, &pieces, op)
             },
         )?;
-        self.finish(be, "reduce_scatter", started)
+        Ok(pending)
     }
 
     fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {

@@ -158,6 +158,20 @@ pub trait Communicator: Send + Sync {
         op: ReduceOp,
     ) -> Result<()>;
 
+    /// [`Communicator::reduce_scatter`], issued on the comm lane without ordering `be`'s later
+    /// work after it: `out` may be read, and `full` overwritten or freed, only after the returned
+    /// [`Pending::wait`]. Transports without a comm lane complete it before returning.
+    fn reduce_scatter_start<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        full: &B::Buf,
+        op: ReduceOp,
+    ) -> Result<Pending<B>> {
+        self.reduce_scatter(be, out, full, op)?;
+        Ok(Pending::complete())
+    }
+
     /// Reduces `buf` over ranks, in place; every rank gets the same result (Sum adds in group-rank
     /// order, each partial sum stored in `buf`'s dtype; Avg is Sum, then a scale by
     /// `1 / world_size`).

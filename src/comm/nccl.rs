@@ -309,13 +309,24 @@ impl Communicator for NcclComm {
         full: &B::Buf,
         op: ReduceOp,
     ) -> Result<()> {
+        let pending = self.reduce_scatter_start(be, out, full, op)?;
+        self.finish(be, pending)
+    }
+
+    fn reduce_scatter_start<B: Backend>(
+        &self,
+        be: &B,
+        out: &B::Buf,
+        full: &B::Buf,
+        op: ReduceOp,
+    ) -> Result<Pending<B>> {
         let (o, f) = (cuda_buf::<B>(out, "out")?, cuda_buf::<B>(full, "full")?);
         same_dtype("reduce_scatter", o, f)?;
         if let Some(problem) = reduce_scatter_problem(f.len(), o.len(), self.ranks.len()) {
             bail!("{problem}");
         }
         let comm = self.comm.0;
-        let pending = self.issue(be, "reduce_scatter", |_, stream| {
+        self.issue(be, "reduce_scatter", |_, stream| {
             // SAFETY: as in all_gather.
             unsafe {
                 nccl::reduce_scatter(
@@ -330,8 +341,7 @@ impl Communicator for NcclComm {
             }
             .map(|_| ())
             .map_err(nccl_err)
-        })?;
-        self.finish(be, pending)
+        })
     }
 
     fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {

@@ -9,10 +9,11 @@
 //!   1 without prefetch); shard_grad_op keeps every unit from its forward to its backward: the
 //!   whole padded model. A shard group of one gathers nothing.
 //! - unsharded gradients (reduce dtype, padded): reduced after each unit's backward, so the root
-//!   (held until the embedding's backward at the end) + 1 block; but shard_grad_op and no_shard
-//!   accumulate them over the micro-batches of a step (FSDP's no_sync), so with 2 or more
-//!   micro-batches every unit's. One rank with f32 reduction writes straight into the gradient
-//!   shards: none.
+//!   (held until the embedding's backward at the end) + 2 blocks with a shard group (a block's
+//!   reduce-scatter runs beside the next block's backward) or + 1 block without; but shard_grad_op
+//!   and no_shard accumulate them over the micro-batches of a step (FSDP's no_sync), so with 2 or
+//!   more micro-batches every unit's. One rank with f32 reduction writes straight into the
+//!   gradient shards: none.
 
 use serde::Serialize;
 
@@ -174,7 +175,10 @@ fn unsharded_grads_peak_elems(units: &UnitSizes, plan: &ShardPlan, accum: usize)
     }
     let group = plan.group_size;
     if plan.reduce_every_micro_batch || accum <= 1 {
-        units.padded_root(group) + units.n_layer.min(1) * units.padded_block(group)
+        // A block's reduce-scatter runs beside the next block's backward, which fills its own
+        // gradients meanwhile: two blocks at once when there is a shard group to scatter over.
+        let blocks_alive = if group > 1 { 2 } else { 1 };
+        units.padded_root(group) + units.n_layer.min(blocks_alive) * units.padded_block(group)
     } else {
         units.padded_total(group)
     }
@@ -309,7 +313,8 @@ mod tests {
         let zero3 = zero_model_state_bytes(ShardStrategy::FullShard, psi, 4, f32s);
         assert_eq!((m.params() + m.grad_shards + m.optimizer) as f64, zero3);
         assert_eq!(m.gathered_params_peak, (units.root + 2 * units.block) * 4);
-        assert_eq!(m.unsharded_grads_peak, (units.root + units.block) * 4);
+        // The root's gradients, a block's being reduce-scattered, and the next block's filling.
+        assert_eq!(m.unsharded_grads_peak, (units.root + 2 * units.block) * 4);
         // hybrid_shard: the same over its shard group of 2 (world 4).
         let h = rank_memory(&plan(ShardStrategy::HybridShard, 4, 2, DType::F32), &w, 2);
         let hybrid = zero_model_state_bytes(ShardStrategy::HybridShard, psi, 2, f32s);

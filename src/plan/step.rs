@@ -10,10 +10,14 @@
 //!   behind block k. In the backward (full_shard and hybrid_shard gather the blocks again; the
 //!   root stays gathered) block L's hides behind the head's backward, block k's behind block
 //!   k+1's. Without `parallel.prefetch` every gather is exposed.
-//! - gradient reduce-scatters (and hybrid's all-reduce across replicas) are waited for at once
-//!   after each unit's backward: exposed. full_shard and hybrid_shard reduce every micro-batch;
-//!   shard_grad_op and no_shard only the last one of a step (no_sync), and they gather every
-//!   micro-batch (once, in the forward).
+//! - a block's gradient reduce-scatter is issued after its backward and waited for after the next
+//!   unit's backward is issued: block k's runs beside block k-1's backward, on the same comm lane
+//!   as the gather prefetched there (their sum is what hides behind that compute). Block 1's runs
+//!   beside the embedding's backward (no FLOPs) and the root's is the last of the backward: both
+//!   exposed. Hybrid's all-reduce across replicas, and no_shard's all-reduce (no shard group to
+//!   scatter over), are waited for at once: exposed. full_shard and hybrid_shard reduce every
+//!   micro-batch; shard_grad_op and no_shard only the last one of a step (no_sync), and they gather
+//!   every micro-batch (once, in the forward).
 //! - per step, the loss and the gradient norm are all-reduced (a few bytes: latency only).
 //!
 //! Not modelled: the optimizer update, data loading and kernel launch gaps (a calibrated rate
@@ -29,9 +33,10 @@ use super::Workload;
 use crate::shard::ShardPlan;
 
 /// What the step times assume about overlap, in words (the module doc in short).
-pub const OVERLAP_ASSUMPTION: [&str; 4] = [
+pub const OVERLAP_ASSUMPTION: [&str; 5] = [
     "assumed HIDDEN: the all-gather of the next unit (prefetch), beside the current unit's compute, in the forward and, for full_shard / hybrid_shard (which gather again), the backward",
-    "EXPOSED (waited for at once): the forward's first two gathers (root; block 1 beside the FLOP-free embedding lookup), every gradient reduce-scatter and all-reduce, the per-step loss and grad-norm all-reduces",
+    "assumed HIDDEN: a block's gradient reduce-scatter, beside the next block's backward (sharing the comm lane with the gather prefetched there)",
+    "EXPOSED (waited for at once): the forward's first two gathers (root; block 1 beside the FLOP-free embedding lookup), the reduce-scatters of block 1 and the root (nothing left to hide behind), every all-reduce of gradients (across replicas; no_shard's), the per-step loss and grad-norm all-reduces",
     "no_sync: shard_grad_op and no_shard reduce once per step, full_shard and hybrid_shard after every micro-batch; every strategy that shards gathers every micro-batch",
     "not modelled: optimizer update, data loading, kernel launch gaps, comm/compute contention",
 ];
@@ -138,9 +143,12 @@ impl UnitCompute {
 struct Collectives {
     gather_root: f64,
     gather_block: f64,
-    /// Reduce-scatter in the shard group + all-reduce of the piece across replicas.
-    reduce_root: f64,
-    reduce_block: f64,
+    /// Reduce-scatter of a unit's gradients in the shard group (0 without one).
+    scatter_root: f64,
+    scatter_block: f64,
+    /// All-reduce of a unit's reduced gradients across replicas (0 without replicas).
+    replicas_root: f64,
+    replicas_block: f64,
     /// Loss (+ stop flag) over the world and gradient norm over the shard group.
     per_step_scalars: f64,
 }
@@ -153,17 +161,20 @@ fn collectives(units: &UnitSizes, plan: &ShardPlan, topo: &Topology) -> Collecti
     let param_bytes = plan.param_dtype.size_bytes() as f64;
     let grad_bytes = plan.reduce_dtype.size_bytes() as f64;
     let gather = |padded: usize| all_gather_seconds(padded as f64 * param_bytes, group, shard_link);
-    let reduce = |padded: usize| {
-        let scatter = reduce_scatter_seconds(padded as f64 * grad_bytes, group, shard_link);
+    let scatter =
+        |padded: usize| reduce_scatter_seconds(padded as f64 * grad_bytes, group, shard_link);
+    let across_replicas = |padded: usize| {
         let piece = (padded / group.max(1)) as f64 * grad_bytes;
-        scatter + all_reduce_seconds(piece, replicas, replica_link)
+        all_reduce_seconds(piece, replicas, replica_link)
     };
     let (root, block) = (units.padded_root(group), units.padded_block(group));
     Collectives {
         gather_root: gather(root),
         gather_block: gather(block),
-        reduce_root: reduce(root),
-        reduce_block: reduce(block),
+        scatter_root: scatter(root),
+        scatter_block: scatter(block),
+        replicas_root: across_replicas(root),
+        replicas_block: across_replicas(block),
         per_step_scalars: all_reduce_seconds(8.0, plan.world_size, world_link)
             + all_reduce_seconds(4.0, group, shard_link),
     }
@@ -188,14 +199,47 @@ fn forward_gathers(c: &UnitCompute, k: &Collectives, plan: &ShardPlan, n_layer: 
     Comm::waited(k.gather_root) + first_block + later_blocks
 }
 
-/// Gathers of one micro-batch's backward: only strategies that freed blocks after the forward.
-fn backward_gathers(c: &UnitCompute, k: &Collectives, plan: &ShardPlan, n_layer: usize) -> Comm {
-    if plan.group_size <= 1 || !plan.reshard_after_forward {
-        return Comm::default();
+/// Communication of one micro-batch's backward (see the module doc): the gathers of strategies
+/// that freed blocks after the forward, and, when the micro-batch reduces, the gradients'.
+fn backward_comm(
+    c: &UnitCompute,
+    k: &Collectives,
+    plan: &ShardPlan,
+    n_layer: usize,
+    reducing: bool,
+) -> Comm {
+    let gathers = plan.group_size > 1 && plan.reshard_after_forward;
+    let gather = if gathers { k.gather_block } else { 0.0 };
+    let lane_beside = |seconds: f64, compute: f64| {
+        if plan.prefetch {
+            Comm::beside(seconds, compute)
+        } else {
+            Comm::waited(seconds)
+        }
+    };
+    // Beside the head's backward: block L's gather.
+    let mut comm = lane_beside(gather * n_layer.min(1) as f64, c.head_backward);
+    // Beside block j's backward (j = L..1): block j-1's gather and block j+1's reduce-scatter.
+    for j in (1..=n_layer).rev() {
+        let gather_next = if j > 1 { gather } else { 0.0 };
+        let scatter_prev = if reducing && j < n_layer {
+            k.scatter_block
+        } else {
+            0.0
+        };
+        // The lane runs the prefetched gather too: the scatter hides behind what is left.
+        let lane_busy = if plan.prefetch { gather_next } else { 0.0 };
+        let scatter = Comm::beside(scatter_prev, (c.block_backward - lane_busy).max(0.0));
+        comm = comm + lane_beside(gather_next, c.block_backward) + scatter;
     }
-    let last_block = block_gather(k, plan, c.head_backward) * n_layer.min(1) as f64;
-    let earlier_blocks = block_gather(k, plan, c.block_backward) * n_layer.saturating_sub(1) as f64;
-    last_block + earlier_blocks
+    if reducing {
+        // Block 1's and the root's reduce-scatters have nothing left to run beside; every
+        // all-reduce across replicas is waited for at once.
+        comm = comm
+            + Comm::waited(k.scatter_block * n_layer.min(1) as f64 + k.scatter_root)
+            + Comm::waited(k.replicas_root + n_layer as f64 * k.replicas_block);
+    }
+    comm
 }
 
 /// Predicted time of one optimizer step of `accum` micro-batches on one rank.
@@ -211,17 +255,16 @@ pub fn step_time(
     let c = unit_compute(&units, w, flops_per_s);
     let k = collectives(&units, plan, topo);
     let accum = accum.max(1);
-    let gathers = (forward_gathers(&c, &k, plan, n_layer)
-        + backward_gathers(&c, &k, plan, n_layer))
-        * accum as f64;
-    let reducing_micro_batches = if plan.reduce_every_micro_batch {
+    // Micro-batches that reduce their gradients: every one, or (no_sync) the last of the step.
+    let reducing = if plan.reduce_every_micro_batch {
         accum
     } else {
         1
     };
-    let reductions = Comm::waited(k.reduce_root + n_layer as f64 * k.reduce_block)
-        * reducing_micro_batches as f64;
-    let comm = gathers + reductions + Comm::waited(k.per_step_scalars);
+    let forward = forward_gathers(&c, &k, plan, n_layer) * accum as f64;
+    let backward = backward_comm(&c, &k, plan, n_layer, true) * reducing as f64
+        + backward_comm(&c, &k, plan, n_layer, false) * (accum - reducing) as f64;
+    let comm = forward + backward + Comm::waited(k.per_step_scalars);
     let compute = c.micro_batch(n_layer) * accum as f64;
     StepTime {
         compute_s: compute,
@@ -305,27 +348,38 @@ mod tests {
         let t = step_time(&p, &w, 1, rate, &topo());
         let c = unit_compute(&units, &w, rate);
         let k = collectives(&units, &p, &topo());
-        // Blocks gather far faster than they compute: only the root's and block 1's forward
-        // gathers, the reductions and the scalars are exposed.
-        assert!(k.gather_block < c.block_forward);
-        let exposed = k.gather_root
-            + k.gather_block
-            + k.reduce_root
-            + 12.0 * k.reduce_block
-            + k.per_step_scalars;
+        // Blocks gather and scatter far faster than they compute: only the root's and block 1's
+        // forward gathers, block 1's and the root's reduce-scatters and the scalars are exposed.
+        assert!(k.gather_block + k.scatter_block < c.block_backward);
+        let exposed =
+            k.gather_root + k.gather_block + k.scatter_block + k.scatter_root + k.per_step_scalars;
         assert!((t.comm_exposed_s - exposed).abs() < 1e-12, "{t:?}");
-        // 12 + 1 forward gathers, 12 backward gathers.
+        // 12 + 1 forward gathers, 12 backward gathers, 13 reduce-scatters; no replicas.
+        assert_eq!((k.replicas_root, k.replicas_block), (0.0, 0.0));
         let total = k.gather_root
             + 24.0 * k.gather_block
-            + k.reduce_root
-            + 12.0 * k.reduce_block
+            + k.scatter_root
+            + 12.0 * k.scatter_block
             + k.per_step_scalars;
         assert!((t.comm_s - total).abs() < 1e-12);
-        // Without prefetch every gather is exposed.
+        // Without prefetch every gather is exposed; blocks 12..2's reduce-scatters still hide.
         let mut no_prefetch = p.clone();
         no_prefetch.prefetch = false;
         let t2 = step_time(&no_prefetch, &w, 1, rate, &topo());
-        assert!((t2.comm_exposed_s - total).abs() < 1e-12);
+        assert!((t2.comm_exposed_s - (total - 11.0 * k.scatter_block)).abs() < 1e-12);
+        // hybrid_shard: the all-reduces across replicas are exposed on top.
+        let h = plan(ShardStrategy::HybridShard, 16, 8);
+        let kh = collectives(&units, &h, &topo());
+        let th = step_time(&h, &w, 1, rate, &topo());
+        let hybrid_exposed = kh.gather_root
+            + kh.gather_block
+            + kh.scatter_block
+            + kh.scatter_root
+            + kh.replicas_root
+            + 12.0 * kh.replicas_block
+            + kh.per_step_scalars;
+        assert!(kh.replicas_block > 0.0);
+        assert!((th.comm_exposed_s - hybrid_exposed).abs() < 1e-12, "{th:?}");
     }
 
     #[test]

@@ -5,7 +5,12 @@
 //! The schedule is explicit: when the model asks for unit `u`, the engine gathers it (unless a
 //! prefetch already did) and then issues the gather of the unit that runs next, *before* handing
 //! `u` over, so on a backend with a communication stream that gather overlaps `u`'s compute. On
-//! the CPU it runs in that same order, synchronously. Every step is recorded in an optional trace.
+//! the CPU it runs in that same order, synchronously. Gradients go the other way: when a block's
+//! backward is done its reduce-scatter is issued on the comm lane, and the compute queue waits for
+//! it (to add it into the gradient shard) only after the next unit's backward has been issued, so
+//! the two run side by side; the root's, the last of the backward, is completed at once, so the
+//! gradient shards are whole when the backward returns. Every step is recorded in an optional
+//! trace.
 //!
 //! For phase timing (`shardtrain bench`), the engine can also bracket every collective call with
 //! timing marks on the compute queue ([`ShardedUnits::time_collectives`]): the time between the
@@ -36,7 +41,8 @@ pub enum Event {
     Use(usize),
     /// A unit's gathered parameters freed.
     Free(usize),
-    /// A unit's gradients reduced into this rank's gradient shard.
+    /// A unit's gradient reduction issued (added into this rank's gradient shard once the next
+    /// unit's backward has been issued, or at the end of the backward).
     ReduceGrads(usize),
 }
 
@@ -73,6 +79,9 @@ pub struct ShardedUnits<B: Backend, C: Communicator> {
     direct_grads: bool,
     /// Reduce gradients at the end of this micro-batch's backward.
     sync: bool,
+    /// Gradient reductions issued on the comm lane and not yet added into the gradient shards,
+    /// oldest first (at most two: the one running beside a unit's backward, and that unit's).
+    in_flight: Vec<InFlight<B>>,
     pass: Pass,
     bytes: TransientBytes,
     trace: Option<Vec<Event>>,
@@ -82,6 +91,15 @@ pub struct ShardedUnits<B: Backend, C: Communicator> {
 
 /// A unit's gathered parameters, with the gather's completion until its first use waits for it.
 type Gathered<B> = (<B as Backend>::Buf, Option<Pending<B>>);
+
+/// A unit's gradient reduction in flight: the unsharded gradients it reads (kept alive until it
+/// completes), the piece it writes, and its completion.
+struct InFlight<B: Backend> {
+    unit: usize,
+    full: B::Buf,
+    piece: B::Buf,
+    pending: Pending<B>,
+}
 
 /// Timing marks on the compute queue just before and just after one collective call.
 pub type CommBracket<B> = (
@@ -114,6 +132,7 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
             full_grads: vec![None; n],
             direct_grads,
             sync: true,
+            in_flight: Vec::new(),
             pass: Pass::Forward,
             bytes: TransientBytes::default(),
             trace: None,
@@ -277,37 +296,61 @@ impl<B: Backend, C: Communicator> ShardedUnits<B, C> {
         Ok(())
     }
 
-    /// Sums this micro-batch's unsharded gradients of `unit` over the shard group (reduce-scatter)
-    /// and the replicas (all-reduce), into this rank's f32 gradient shard.
-    fn reduce_grads(&mut self, be: &B, unit: usize) -> Result<()> {
+    /// Issues the reduction of this micro-batch's unsharded gradients of `unit` over the shard
+    /// group (a reduce-scatter on the comm lane, which the compute queue does not wait for:
+    /// [`Self::finish_reductions`] adds it into the gradient shard later).
+    fn start_reduction(&mut self, be: &B, unit: usize) -> Result<()> {
         let Some(full) = self.full_grads[unit].take() else {
             return Ok(());
         };
-        let piece = if self.plan.group_size > 1 {
+        let (piece, pending) = if self.plan.group_size > 1 {
             let piece = be.alloc(self.shards.units[unit].shard_len, self.plan.reduce_dtype)?;
             let timed = self.comm_begin(be)?;
-            self.comms
+            let pending = self
+                .comms
                 .shard
-                .reduce_scatter(be, &piece, &full, ReduceOp::Sum)
+                .reduce_scatter_start(be, &piece, &full, ReduceOp::Sum)
                 .with_context(|| format!("reduce-scattering the gradients of unit {unit}"))?;
             self.comm_end(be, timed)?;
-            piece
+            (piece, pending)
         } else {
-            full.clone()
+            (full.clone(), Pending::complete())
         };
-        if self.plan.replicas() > 1 {
-            let timed = self.comm_begin(be)?;
-            self.comms
-                .replica
-                .all_reduce(be, &piece, ReduceOp::Sum)
-                .with_context(|| {
-                    format!("all-reducing the gradients of unit {unit} across replicas")
-                })?;
-            self.comm_end(be, timed)?;
-        }
-        be.accumulate(&self.grad_shards[unit], &piece)?;
-        self.bytes.grads_now -= size_of(&full);
+        self.in_flight.push(InFlight {
+            unit,
+            full,
+            piece,
+            pending,
+        });
         self.log(Event::ReduceGrads(unit));
+        Ok(())
+    }
+
+    /// Completes every in-flight reduction but the newest `keep`, oldest first: the compute queue
+    /// waits for its reduce-scatter, all-reduces it across replicas (hybrid_shard), and adds it
+    /// into this rank's f32 gradient shard.
+    fn finish_reductions(&mut self, be: &B, keep: usize) -> Result<()> {
+        while self.in_flight.len() > keep {
+            let r = self.in_flight.remove(0);
+            let unit = r.unit;
+            let timed = self.comm_begin(be)?;
+            r.pending
+                .wait(be)
+                .with_context(|| format!("waiting for the gradients of unit {unit}"))?;
+            self.comm_end(be, timed)?;
+            if self.plan.replicas() > 1 {
+                let timed = self.comm_begin(be)?;
+                self.comms
+                    .replica
+                    .all_reduce(be, &r.piece, ReduceOp::Sum)
+                    .with_context(|| {
+                        format!("all-reducing the gradients of unit {unit} across replicas")
+                    })?;
+                self.comm_end(be, timed)?;
+            }
+            be.accumulate(&self.grad_shards[unit], &r.piece)?;
+            self.bytes.grads_now -= size_of(&r.full);
+        }
         Ok(())
     }
 
@@ -390,7 +433,15 @@ impl<B: Backend, C: Communicator> UnitAccess<B> for ShardedUnits<B, C> {
 
     fn backward_done(&mut self, be: &B, unit: usize) -> Result<()> {
         if self.sync {
-            self.reduce_grads(be, unit)?;
+            self.start_reduction(be, unit)?;
+            // The previous unit's reduce-scatter ran beside this unit's backward: add it in now,
+            // and leave this unit's to run beside the next unit's. Not for the root, the last
+            // unit of the backward (after the embedding): nothing is left to run beside it, and
+            // the gradient shards must be whole when the backward returns. Nor without a shard
+            // group, where there is no reduce-scatter and holding the gradients only costs memory.
+            let overlap = unit != ParamLayout::EMBED_HEAD_UNIT && self.plan.group_size > 1;
+            let keep = usize::from(overlap);
+            self.finish_reductions(be, keep)?;
         }
         self.free_params(be, unit)
     }
