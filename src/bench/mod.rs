@@ -70,7 +70,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     };
     // `model.init_from` is read once; every row starts from the same weights.
     let start = train::start_of(base, None)?;
-    let scratch = run::ScratchDir::new()?;
+    let scratch = run::scratch_dir(&std::env::temp_dir(), "shardtrain-bench-")?;
     let mut rows = Vec::new();
     let mut backend = String::new();
     let total = prepared.jobs.len();
@@ -83,8 +83,14 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
             opts.warmup,
             opts.steps
         ));
-        let (row, summary) =
-            run::run_row(&scratch, &device, &job.cfg, &start, opts.warmup, &rates)?;
+        let (row, summary) = run::run_row(
+            scratch.path(),
+            &device,
+            &job.cfg,
+            &start,
+            opts.warmup,
+            &rates,
+        )?;
         backend = summary.device;
         rows.push(row);
     }

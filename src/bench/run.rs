@@ -4,8 +4,7 @@
 //! whole bench, so what a run keeps beside its run directory (the token cache of `data.kind:
 //! text`) is shared by the rows and removed with it.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -26,14 +25,14 @@ pub(super) struct Rates {
 /// Trains `cfg` (a row's config) in a fresh directory inside `scratch` and measures it; the first
 /// `warmup` steps are not timed.
 pub(super) fn run_row(
-    scratch: &ScratchDir,
+    scratch: &Path,
     device: &Device,
     cfg: &Config,
     start: &Start,
     warmup: u64,
     rates: &Rates,
 ) -> Result<(BenchRow, TrainSummary)> {
-    let dir = ScratchDir::new_in(scratch.path(), "row")?;
+    let dir = scratch_dir(scratch, "row-")?;
     let instruments = Instruments {
         phase_times: true,
         quiet: true,
@@ -106,48 +105,13 @@ pub(super) fn row_of(
     })
 }
 
-/// A fresh directory, removed (with everything in it) when dropped, also when a run fails.
-pub(super) struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    /// A new directory in the system's temporary directory.
-    pub(super) fn new() -> Result<ScratchDir> {
-        ScratchDir::new_in(&std::env::temp_dir(), "shardtrain-bench")
-    }
-
-    /// A new directory in `base`, named `prefix` and a unique suffix.
-    fn new_in(base: &Path, prefix: &str) -> Result<ScratchDir> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        loop {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = base.join(format!("{prefix}-{}-{nanos}-{n}", std::process::id()));
-            // create_dir (not create_dir_all) fails on an existing path: the directory is ours.
-            match std::fs::create_dir(&dir) {
-                Ok(()) => return Ok(ScratchDir(dir)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("creating a scratch run directory in {}", base.display())
-                    })
-                }
-            }
-        }
-    }
-
-    pub(super) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!("could not remove {}: {e}", self.0.display());
-        }
-    }
+/// A fresh scratch directory in `base` (removed when dropped): a row's run directory, or the
+/// bench's own, which holds every row's and any `data.kind: text` token cache.
+pub(super) fn scratch_dir(base: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .with_context(|| format!("creating a scratch run directory in {}", base.display()))
 }
 
 #[cfg(test)]
@@ -156,10 +120,10 @@ mod tests {
 
     #[test]
     fn scratch_directories_are_fresh_and_removed() {
-        let a = ScratchDir::new().unwrap();
-        let b = ScratchDir::new().unwrap();
+        let a = scratch_dir(&std::env::temp_dir(), "shardtrain-bench-").unwrap();
+        let b = scratch_dir(&std::env::temp_dir(), "shardtrain-bench-").unwrap();
         assert_ne!(a.path(), b.path());
-        let row = ScratchDir::new_in(a.path(), "row").unwrap();
+        let row = scratch_dir(a.path(), "row-").unwrap();
         assert_eq!(row.path().parent(), Some(a.path()));
         std::fs::write(row.path().join("f"), "x").unwrap();
         std::fs::write(a.path().join("cache"), "x").unwrap();

@@ -62,12 +62,7 @@ pub(super) fn tokenize(args: TokenizeArgs) -> Result<()> {
         shard_tokens: args.shard_tokens,
         val_fraction: args.val_fraction,
     };
-    let total: u64 = args
-        .inputs
-        .iter()
-        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
-        .sum();
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = indicatif::ProgressBar::new(0); // tokenize_corpus sets the length
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "tokenizing {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",

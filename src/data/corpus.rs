@@ -52,11 +52,12 @@ pub struct CorpusReport {
     pub seconds: f64,
 }
 
-/// Tokenizes `job.inputs` into shards, advancing `progress` by the bytes read.
+/// Tokenizes `job.inputs` into shards; `progress` counts the input bytes tokenized.
 pub fn tokenize_corpus(job: &CorpusJob, progress: &ProgressBar) -> Result<CorpusReport> {
     let started = Instant::now();
     check_job(job)?;
     let total_bytes = input_bytes(job.inputs)?;
+    progress.set_length(total_bytes);
     refuse_existing_shards(job.prefix)?;
     let val_bytes = (total_bytes as f64 * job.val_fraction).ceil() as u64;
     let mut out = SplitWriter::new(job.prefix, job.shard_tokens, val_bytes);

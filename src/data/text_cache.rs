@@ -7,6 +7,7 @@
 //! renamed. Ranks of one process take turns (the first builds, the others find it); separate
 //! processes may each build one, and the first rename wins.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
@@ -150,52 +151,31 @@ fn build(
     Ok(())
 }
 
-/// FNV-1a over what decides the cache's contents.
+/// A hash of what decides the cache's contents. (std's hasher may change between Rust releases:
+/// that only costs one more tokenization.)
 fn cache_key(
     tokenizer: &Tokenizer,
     held_out: f64,
     train_files: &[PathBuf],
     val_files: &[PathBuf],
 ) -> Result<u64> {
-    let mut h = Fnv::default();
-    h.write(CACHE_FORMAT.as_bytes());
-    h.write(tokenizer.name().as_bytes());
-    h.write(&held_out.to_le_bytes());
+    let mut h = DefaultHasher::new();
+    (CACHE_FORMAT, tokenizer.name(), held_out.to_bits()).hash(&mut h);
     for (list, tag) in [(train_files, "train"), (val_files, "val")] {
-        h.write(tag.as_bytes());
+        tag.hash(&mut h);
         for path in list {
             let meta = std::fs::metadata(path)
                 .with_context(|| format!("{}: cannot read it", path.display()))?;
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-            h.write(abs.to_string_lossy().as_bytes());
-            h.write(&meta.len().to_le_bytes());
             let modified = meta
                 .modified()
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
-            h.write(&modified.to_le_bytes());
+            (abs, meta.len(), modified).hash(&mut h);
         }
     }
-    Ok(h.0)
-}
-
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        // A separator, so ("ab", "c") and ("a", "bc") differ.
-        self.0 = (self.0 ^ 0xff).wrapping_mul(0x0100_0000_01b3);
-    }
+    Ok(h.finish())
 }
 
 #[cfg(test)]
