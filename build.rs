@@ -1,6 +1,9 @@
 //! Build script: compiles every `kernels/*.cu` with nvcc into portable PTX (compute_80: Ampere and newer) and a
-//! Hopper cubin (sm_90), embedded in the binary through a generated module index; and records
-//! the commit the binary was built from (shown by `--version`, written to each run's summary).
+//! Hopper cubin (sm_90), embedded in the binary through a generated module index, with ptxas's
+//! resource usage per kernel; builds the simulated GPU (`kernels/sim/`: the same kernels compiled
+//! for the host by the system C++ compiler, in a shared library loaded by `device: sim`); and
+//! records the commit the binary was built from (shown by `--version`, written to each run's
+//! summary).
 //!
 //! nvcc is looked up in NVCC, CUDA_HOME/bin, /usr/local/cuda/bin, the project's `.venv-cuda`
 //! (the PyPI CUDA compiler wheels `.ci/run` installs) and PATH. Without nvcc the build succeeds
@@ -13,8 +16,12 @@ use std::process::Command;
 
 fn main() {
     record_commit();
-    compile_kernels();
+    let resources = compile_kernels();
+    sim_build::build_sim(&resources);
 }
+
+#[path = "kernels/sim/build_sim.rs"]
+mod sim_build;
 
 fn record_commit() {
     let commit = Command::new("git")
@@ -64,10 +71,13 @@ fn kernel_sources() -> Vec<PathBuf> {
     sources
 }
 
-fn run_nvcc(nvcc: &Path, args: &[&str], source: &Path) {
+/// Runs nvcc; returns what it printed on stderr (ptxas's resource report with `-Xptxas -v`).
+fn run_nvcc(nvcc: &Path, args: &[&str], source: &Path) -> String {
     let output = Command::new(nvcc).args(args).arg(source).output();
     match output {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        }
         Ok(o) => {
             eprintln!(
                 "nvcc failed on {} (exit {}):\n{}{}",
@@ -85,7 +95,52 @@ fn run_nvcc(nvcc: &Path, args: &[&str], source: &Path) {
     }
 }
 
-fn compile_kernels() {
+/// ptxas's resource usage of one kernel for sm_90.
+#[derive(Clone, Debug, Default)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub static_smem_bytes: u32,
+    /// Spill stores plus spill loads, in bytes.
+    pub spill_bytes: u32,
+}
+
+/// Reads `ptxas -v`'s report: per entry function, registers, shared memory and spills.
+fn parse_ptxas_report(report: &str) -> Vec<KernelResources> {
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in report.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("ptxas info    : Compiling entry function '") {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources {
+                name,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(k) = out.last_mut() else { continue };
+        let number_before = |text: &str, unit: &str| -> Option<u32> {
+            let at = text.find(unit)?;
+            text[..at]
+                .trim_end()
+                .rsplit([' ', ','])
+                .next()?
+                .parse()
+                .ok()
+        };
+        if line.contains("bytes spill stores") {
+            k.spill_bytes = number_before(line, "bytes spill stores").unwrap_or(0)
+                + number_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used ") && line.contains("registers") {
+            k.registers = number_before(line, "registers").unwrap_or(0);
+            k.static_smem_bytes = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    out
+}
+
+fn compile_kernels() -> Vec<KernelResources> {
     println!("cargo:rerun-if-changed=kernels");
     for var in ["NVCC", "CUDA_HOME", "SHARDTRAIN_REQUIRE_CUDA", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -113,30 +168,38 @@ fn compile_kernels() {
         );
         index.push_str("pub const CUDA_COMPILED: bool = false;\n");
         index.push_str("pub const KERNEL_MODULES: &[KernelModule] = &[];\n");
+        index.push_str("pub const KERNEL_RESOURCES: &[KernelResources] = &[];\n");
         write_index(&out_dir, &index);
-        return;
+        return Vec::new();
     };
 
     // Compile every file in parallel: two nvcc runs per file, each a few seconds.
     let include = format!("-I{}", Path::new("kernels").display());
-    std::thread::scope(|s| {
-        for source in &sources {
-            let (nvcc, include, out_dir) = (&nvcc, &include, &out_dir);
-            s.spawn(move || {
-                let stem = source.file_stem().expect("a .cu file").to_string_lossy();
-                let ptx = out_dir.join(format!("{stem}.ptx"));
-                let cubin = out_dir.join(format!("{stem}.sm_90.cubin"));
-                let common = ["-O3", "-std=c++17", "-lineinfo", include.as_str()];
-                let ptx_s = ptx.to_string_lossy();
-                let mut args: Vec<&str> = common.to_vec();
-                args.extend(["-arch=compute_80", "--ptx", "-o", &ptx_s]);
-                run_nvcc(nvcc, &args, source);
-                let cubin_s = cubin.to_string_lossy();
-                let mut args: Vec<&str> = common.to_vec();
-                args.extend(["-arch=sm_90", "--cubin", "-o", &cubin_s]);
-                run_nvcc(nvcc, &args, source);
-            });
-        }
+    let resources: Vec<KernelResources> = std::thread::scope(|s| {
+        let handles: Vec<_> = sources
+            .iter()
+            .map(|source| {
+                let (nvcc, include, out_dir) = (&nvcc, &include, &out_dir);
+                s.spawn(move || {
+                    let stem = source.file_stem().expect("a .cu file").to_string_lossy();
+                    let ptx = out_dir.join(format!("{stem}.ptx"));
+                    let cubin = out_dir.join(format!("{stem}.sm_90.cubin"));
+                    let common = ["-O3", "-std=c++17", "-lineinfo", include.as_str()];
+                    let ptx_s = ptx.to_string_lossy();
+                    let mut args: Vec<&str> = common.to_vec();
+                    args.extend(["-arch=compute_80", "--ptx", "-o", &ptx_s]);
+                    run_nvcc(nvcc, &args, source);
+                    let cubin_s = cubin.to_string_lossy();
+                    let mut args: Vec<&str> = common.to_vec();
+                    args.extend(["-arch=sm_90", "--cubin", "-Xptxas", "-v", "-o", &cubin_s]);
+                    parse_ptxas_report(&run_nvcc(nvcc, &args, source))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an nvcc thread"))
+            .collect()
     });
 
     index.push_str("pub const CUDA_COMPILED: bool = true;\n");
@@ -153,7 +216,17 @@ fn compile_kernels() {
         );
     }
     index.push_str("];\n");
+    index.push_str("pub const KERNEL_RESOURCES: &[KernelResources] = &[\n");
+    for k in &resources {
+        let _ = writeln!(
+            index,
+            "    KernelResources {{ name: {:?}, registers: {}, static_smem_bytes: {}, spill_bytes: {} }},",
+            k.name, k.registers, k.static_smem_bytes, k.spill_bytes
+        );
+    }
+    index.push_str("];\n");
     write_index(&out_dir, &index);
+    resources
 }
 
 fn write_index(out_dir: &Path, index: &str) {

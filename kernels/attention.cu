@@ -8,9 +8,16 @@
 // Layout (as the CPU reference): qkv is [B, T, 3 * NH * HS] with all query heads, then all key
 // heads, then all value heads per token; out and dout are [B, T, NH * HS]; lse and D are
 // [B, NH, T] (f32). A first, CUDA-core version: correctness first, tensor cores later.
+//
+// Tiles: 64 rows for head sizes up to 64; 32 rows at head size 128, so that a block's two f32
+// tiles fit the 48 KiB of static shared memory (2 x 32 x 128 x 4 bytes = 32 KiB). At 128 a
+// thread's rows of q, o (and k, v, dk, dv in the backward) exceed the register file and spill:
+// correct, slow, within the spill budget src/backend/cuda/launch.rs states; the tensor-core
+// kernels replace these.
 #include "common.cuh"
 
-#define TILE 64
+// Rows per tile (and threads per block) for head size HS; the Rust launcher's attention_tile().
+__host__ __device__ constexpr int attention_tile(int hs) { return hs <= 64 ? 64 : 32; }
 
 template <typename T, int HS>
 __device__ __forceinline__ void load_row(float* dst, const T* src, float scale) {
@@ -49,6 +56,7 @@ __device__ __forceinline__ void load_kv_tile(float (*Ks)[HS], float (*Vs)[HS], c
 
 template <typename T, int HS>
 __device__ void attention_forward(T* out, float* lse, const T* qkv, int seq, int heads) {
+    constexpr int TILE = attention_tile(HS);
     __shared__ float Ks[TILE][HS];
     __shared__ float Vs[TILE][HS];
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
@@ -104,6 +112,7 @@ __device__ void attention_backward_preprocess(float* D, const T* dout, const T* 
 template <typename T, int HS>
 __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, const float* lse,
                                         const float* D, int seq, int heads) {
+    constexpr int TILE = attention_tile(HS);
     __shared__ float Qs[TILE][HS];
     __shared__ float dOs[TILE][HS];
     __shared__ float lse_s[TILE];
@@ -157,6 +166,7 @@ __device__ void attention_backward_dkdv(T* dqkv, const T* dout, const T* qkv, co
 template <typename T, int HS>
 __device__ void attention_backward_dq(T* dqkv, const T* dout, const T* qkv, const float* lse,
                                       const float* D, int seq, int heads) {
+    constexpr int TILE = attention_tile(HS);
     __shared__ float Ks[TILE][HS];
     __shared__ float Vs[TILE][HS];
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
@@ -194,10 +204,10 @@ __device__ void attention_backward_dq(T* dqkv, const T* dout, const T* qkv, cons
     }
 }
 
-// Launch: forward, dkdv and dq with grid (ceil(seq / 64), batch * heads) and 64 threads per block;
+// Launch: forward, dkdv and dq with grid (ceil(seq / tile), batch * heads) and tile threads per block;
 // preprocess with a grid-stride launch over batch * heads * seq.
 #define ATTENTION(T, TN, HS)                                                                        \
-    extern "C" __global__ void __launch_bounds__(TILE) attention_forward_##TN##_hs##HS(            \
+    extern "C" __global__ void __launch_bounds__(attention_tile(HS)) attention_forward_##TN##_hs##HS(            \
         T* out, float* lse, const T* qkv, int seq, int heads) {                                     \
         attention_forward<T, HS>(out, lse, qkv, seq, heads);                                        \
     }                                                                                               \
@@ -205,11 +215,11 @@ __device__ void attention_backward_dq(T* dqkv, const T* dout, const T* qkv, cons
         float* D, const T* dout, const T* out, int batch, int seq, int heads) {                     \
         attention_backward_preprocess<T, HS>(D, dout, out, batch, seq, heads);                      \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(TILE) attention_backward_dkdv_##TN##_hs##HS(      \
+    extern "C" __global__ void __launch_bounds__(attention_tile(HS)) attention_backward_dkdv_##TN##_hs##HS(      \
         T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D, int seq, int heads) { \
         attention_backward_dkdv<T, HS>(dqkv, dout, qkv, lse, D, seq, heads);                        \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(TILE) attention_backward_dq_##TN##_hs##HS(        \
+    extern "C" __global__ void __launch_bounds__(attention_tile(HS)) attention_backward_dq_##TN##_hs##HS(        \
         T* dqkv, const T* dout, const T* qkv, const float* lse, const float* D, int seq, int heads) { \
         attention_backward_dq<T, HS>(dqkv, dout, qkv, lse, D, seq, heads);                          \
     }
@@ -217,3 +227,5 @@ ATTENTION(float, f32, 32)
 ATTENTION(float, f32, 64)
 ATTENTION(bf16, bf16, 32)
 ATTENTION(bf16, bf16, 64)
+ATTENTION(float, f32, 128)
+ATTENTION(bf16, bf16, 128)

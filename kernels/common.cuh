@@ -2,10 +2,24 @@
 // Kernels are templates over storage types; each .cu file instantiates the extern "C" entry points
 // the Rust CUDA backend loads by name (`op_dtype`, for example `gelu_forward_bf16`).
 #pragma once
+#ifdef SHARDTRAIN_SIM
+#include "sim/cuda_sim.h"  // the simulated GPU (kernels run as host fibers in CI)
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
+
+// The block's dynamic shared memory (the launch's dynamic_smem_bytes), 16-byte aligned.
+#ifdef SHARDTRAIN_SIM
+template <typename T> __device__ __forceinline__ T* dynamic_smem() { return reinterpret_cast<T*>(sim::dynamic_smem()); }
+#else
+template <typename T> __device__ __forceinline__ T* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char shardtrain_dynamic_smem[];
+    return reinterpret_cast<T*>(shardtrain_dynamic_smem);
+}
+#endif
 
 // Every value is computed in f32 and rounded once when stored (round-to-nearest-even for bf16),
 // the contract the CPU reference backend follows.

@@ -8,7 +8,11 @@
 #                                    cargo when the machine has it; exits non-zero if a check fails
 #
 # Environment: OUT (where run directories and the log go; default a temp dir), SKIP_ANCHOR=1 (no
-# PyTorch), GPT2_STEPS (timed GPT-2 steps, default 30). Takes about 5-6 minutes on an H100.
+# PyTorch), GPT2_STEPS (timed GPT-2 steps, default 30), STEP_LIMIT (seconds any one step may take,
+# default 300). Takes about 5-6 minutes on an H100.
+#
+# Every run of the binary or of python is under `timeout`: a step that hangs (a collective waiting
+# on a peer, a GPU fault) is killed at STEP_LIMIT, counts as FAILED, and the script goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,28 +45,48 @@ fi
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 FAILED=()
+STEP_LIMIT=${STEP_LIMIT:-300}
 note() { printf '\n=== %s\n' "$*"; }
-check() { # name, command...: runs it, records a failure
+limited() { # seconds, command...: runs a program under timeout (its whole process group), says so
+    local limit=$1; shift
+    timeout --kill-after=20 "$limit" "$@"
+    local rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "TIMED OUT after ${limit}s: $*" >&2; fi
+    return $rc
+}
+check() { # name, command...: runs it (a program under STEP_LIMIT; shell functions limit their own
+          # programs), records a failure; a timeout is one
     local name=$1; shift
-    if ! "$@"; then FAILED+=("$name"); echo "FAILED: $name"; fi
+    local rc
+    if declare -F "$1" >/dev/null; then "$@"; rc=$?; else limited "$STEP_LIMIT" "$@"; rc=$?; fi
+    if [ $rc -ne 0 ]; then FAILED+=("$name"); echo "FAILED: $name" >&2; fi
 }
 
 note "card"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-"$BIN" --version
+limited 60 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+check "binary starts" "$BIN" --version
 
 note "1. every CUDA op against the CPU reference"
 check "op checks" "$BIN" check --device cuda --seed 1
 check "op checks (seed 2)" "$BIN" check --device cuda --seed 2 >/dev/null
 
-quiet_train() { # run-dir, args...: trains with progress off, prints the final line
+quiet_train() { # run-dir, args...: trains with progress off, prints the final lines; a failed or
+                # timed-out run is recorded (its stdout is kept in <run-dir>.log)
     local dir=$1; shift
     rm -rf "$dir"
-    "$BIN" train --run-dir "$dir" --set logging.progress=plain --set logging.every_steps=1000 "$@" | grep -E "^(done|device):"
+    limited "$STEP_LIMIT" "$BIN" train --run-dir "$dir" --set logging.progress=plain \
+        --set logging.every_steps=1000 "$@" > "$dir.log"
+    local rc=$?
+    grep -E "^(done|device):" "$dir.log"
+    if [ $rc -ne 0 ]; then
+        FAILED+=("train $(basename "$dir")")
+        echo "FAILED: train $(basename "$dir") (exit $rc; $dir.log)"
+    fi
+    return $rc
 }
 
 compare() { # label, summary a, summary b, max rel diff first 10 steps, max rel diff all steps
-    python3 - "$@" <<'EOF'
+    limited 120 python3 - "$@" <<'EOF'
 import json, sys
 label, a, b, tol10, tol = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 la, lb = json.load(open(a))["losses"], json.load(open(b))["losses"]
@@ -95,8 +119,10 @@ check "world 4 hybrid = world 1 (gpu)" compare "tiny f32 on the gpu, world 4 hyb
 
 note "3b. NCCL through the launcher (world 1: NCCL refuses two ranks on one GPU)"
 rm -rf "$OUT/tiny-nccl"
-"$BIN" launch --nproc-per-node 1 --master-port 29533 -- train --run-dir "$OUT/tiny-nccl" "${TINY[@]}" \
-    --set device=cuda --set logging.progress=plain --set logging.every_steps=1000 | grep -E "done:" || true
+check "nccl launch world 1" "$BIN" launch --nproc-per-node 1 --master-port 29533 -- train \
+    --run-dir "$OUT/tiny-nccl" "${TINY[@]}" --set device=cuda --set logging.progress=plain \
+    --set logging.every_steps=1000 > "$OUT/tiny-nccl.log"
+grep -E "done:" "$OUT/tiny-nccl.log"
 check "nccl world 1 = local world 1 (gpu)" compare "tiny f32 on the gpu, NCCL launch vs threads" "$OUT/tiny-nccl/summary.json" "$OUT/tiny-gpu/summary.json" 1e-5 2e-2
 
 note "4. GPT-2 124M, micro-batch 16 x 1024, bf16, full_shard world 1"
@@ -123,12 +149,12 @@ print(f"{'(sum of op times)':<22}{'':>8}{total / steps:>10.2f}")
 EOF
 
 note "6. collective bandwidth: 4 ranks sharing the GPU (device-to-device copies), for reference"
-"$BIN" bench comm --device cuda --world 4 --max-bytes 256M --iters 5 || FAILED+=("bench comm")
+check "bench comm" "$BIN" bench comm --device cuda --world 4 --max-bytes 256M --iters 5
 
 note "7. bench on the GPU: phases from CUDA events (exposed vs overlapped comm), then plan calibrated by it"
-"$BIN" bench --config configs/tiny.yaml --device cuda --world 1,2,4 --steps 10 || FAILED+=("bench tiny")
-"$BIN" bench --config configs/gpt2-124m.yaml --device cuda --world 1 --strategy full_shard --steps 8 \
-    --set train.global_batch_size=16 --json > "$OUT/gpt2-bench.json" || FAILED+=("bench gpt2")
+check "bench tiny" "$BIN" bench --config configs/tiny.yaml --device cuda --world 1,2,4 --steps 10
+check "bench gpt2" "$BIN" bench --config configs/gpt2-124m.yaml --device cuda --world 1 \
+    --strategy full_shard --steps 8 --set train.global_batch_size=16 --json > "$OUT/gpt2-bench.json"
 check "bench gpt2 json" python3 - "$OUT/gpt2-bench.json" <<'EOF2'
 import json, sys
 b = json.load(open(sys.argv[1]))
@@ -138,14 +164,15 @@ for r in b["rows"]:
           f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']}, fwd {p['forward']:.1f} bwd {p['backward']:.1f} "
           f"opt {p['optimizer']:.1f} comm exposed {p['comm_exposed']:.1f} overlapped {p['comm_overlapped']:.1f} ms")
 EOF2
-"$BIN" plan --config configs/gpt2-124m.yaml --gpus 8 --calibrate "$OUT/gpt2-bench.json" | tail -8 || FAILED+=("plan calibrated")
+limited "$STEP_LIMIT" "$BIN" plan --config configs/gpt2-124m.yaml --gpus 8 \
+    --calibrate "$OUT/gpt2-bench.json" | tail -8 || FAILED+=("plan calibrated")
 
 if [ "${SKIP_ANCHOR:-0}" != 1 ]; then
     note "5. PyTorch anchor on the same card (eager, torch.compile)"
     anchor=gpu-bin/torch_gpt2_anchor.py
     [ -f "$anchor" ] || anchor=../shared/anchors/torch_gpt2_anchor.py
     if [ -f "$anchor" ]; then
-        timeout 240 python3 "$anchor" eager compile || FAILED+=("anchor")
+        check "anchor" python3 "$anchor" eager compile
     else
         echo "anchor script not found (run --prepare, or set SKIP_ANCHOR=1)"
         FAILED+=("anchor missing")

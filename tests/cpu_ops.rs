@@ -12,8 +12,9 @@
 //! accumulating outputs must be added to), bf16 casts and bf16 outputs (every value an op stores
 //! in a Bf16 buffer is exactly bf16-representable and equals the rounded f32 result), and the
 //! contract's error paths: wrong lengths name the operand, outputs overlapping another operand,
-//! wrong dtypes for fixed-precision outputs, out-of-vocabulary ids, out-of-range slices, and
-//! degenerate zero-sized shapes (errors or no-ops, never panics).
+//! wrong dtypes for fixed-precision outputs and for the saved statistics the backwards read,
+//! out-of-vocabulary ids, out-of-range slices, and degenerate zero-sized shapes (errors or no-ops,
+//! never panics).
 
 use anyhow::Result;
 use half::bf16;
@@ -1196,6 +1197,32 @@ fn wrong_dtypes_of_fixed_precision_outputs() {
     assert_err(be.adamw(&f(4), &f(4), &h(4), &f(4), None, &hp), "`m`");
     assert_err(be.adamw(&f(4), &f(4), &f(4), &h(4), None, &hp), "`v`");
     assert_err(be.sum_squares(&h(1), &f(4)), "`acc`");
+}
+
+#[test]
+fn wrong_dtypes_of_saved_statistics() {
+    // The backwards read the forward's f32 statistics as f32: a bf16 one must be refused by name,
+    // not reinterpreted.
+    let be = Cpu::new();
+    let f = |len: usize| be.alloc(len, DType::F32).unwrap();
+    let h = |len: usize| be.alloc(len, DType::Bf16).unwrap();
+    let s = att(1, 2, 2, 3);
+    let (rows, cols) = (2, 3);
+    let ln_backward = |mean: &Buf, rstd: &Buf| {
+        let (dx, dw, db) = (f(rows * cols), f(cols), f(cols));
+        let (dy, x, w) = (f(rows * cols), f(rows * cols), f(cols));
+        be.layernorm_backward(&dx, &dw, &db, &dy, &x, &w, mean, rstd, rows, cols)
+    };
+    assert_err(ln_backward(&h(rows), &f(rows)), "`mean`");
+    assert_err(ln_backward(&f(rows), &h(rows)), "`rstd`");
+    assert_err(
+        be.attention_backward(&f(36), &f(12), &f(36), &f(12), &h(4), s),
+        "`lse`",
+    );
+    // The same shapes with f32 statistics are accepted.
+    ln_backward(&f(rows), &f(rows)).unwrap();
+    be.attention_backward(&f(36), &f(12), &f(36), &f(12), &f(4), s)
+        .unwrap();
 }
 
 #[test]

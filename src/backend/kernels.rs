@@ -11,7 +11,23 @@ pub struct KernelModule {
     pub cubin_sm90: &'static [u8],
 }
 
+/// ptxas's resource usage of one kernel entry point, compiled for sm_90 (from `nvcc -Xptxas -v`
+/// at build time): what decides whether a launch of a given block size can run at all.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelResources {
+    pub name: &'static str,
+    pub registers: u32,
+    pub static_smem_bytes: u32,
+    /// Spill stores plus spill loads, in bytes (local-memory traffic per thread).
+    pub spill_bytes: u32,
+}
+
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The resource usage of `name`, in a build with kernels.
+pub fn resources(name: &str) -> Option<&'static KernelResources> {
+    KERNEL_RESOURCES.iter().find(|k| k.name == name)
+}
 
 /// The compiled module named `name`, if this build has CUDA kernels.
 pub fn module(name: &str) -> Option<&'static KernelModule> {
@@ -92,18 +108,26 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "attention_forward_f32_hs64",
             "attention_forward_bf16_hs32",
             "attention_forward_bf16_hs64",
+            "attention_forward_f32_hs128",
+            "attention_forward_bf16_hs128",
             "attention_backward_preprocess_f32_hs32",
             "attention_backward_preprocess_f32_hs64",
             "attention_backward_preprocess_bf16_hs32",
             "attention_backward_preprocess_bf16_hs64",
+            "attention_backward_preprocess_f32_hs128",
+            "attention_backward_preprocess_bf16_hs128",
             "attention_backward_dkdv_f32_hs32",
             "attention_backward_dkdv_f32_hs64",
             "attention_backward_dkdv_bf16_hs32",
             "attention_backward_dkdv_bf16_hs64",
+            "attention_backward_dkdv_f32_hs128",
+            "attention_backward_dkdv_bf16_hs128",
             "attention_backward_dq_f32_hs32",
             "attention_backward_dq_f32_hs64",
             "attention_backward_dq_bf16_hs32",
             "attention_backward_dq_bf16_hs64",
+            "attention_backward_dq_f32_hs128",
+            "attention_backward_dq_bf16_hs128",
         ],
     ),
     ("classifier", &["cross_entropy_f32", "cross_entropy_bf16"]),
@@ -125,6 +149,19 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "column_partial_sums_bf16",
             "accumulate_column_sums_f32",
             "accumulate_column_sums_bf16",
+        ],
+    ),
+    // The tensor-core fragment tests `shardtrain check` runs on CUDA devices (src/check/tensor_core.rs).
+    (
+        "tensor_core_check",
+        &[
+            "tensor_core_check_direct",
+            "tensor_core_check_a_cp_async_x4",
+            "tensor_core_check_a_x4_trans",
+            "tensor_core_check_b_x2_trans",
+            "tensor_core_check_b_x2",
+            "tensor_core_check_x1",
+            "tensor_core_check_pipeline",
         ],
     ),
 ];

@@ -64,7 +64,10 @@ pub fn layernorm_backward<B: Buffer>(
     expect_len(op, "dbias", dbias, cols)?;
     expect_len(op, "weight", weight, cols)?;
     expect_len(op, "mean", mean, rows)?;
-    expect_len(op, "rstd", rstd, rows)
+    expect_len(op, "rstd", rstd, rows)?;
+    // The forward's statistics, which the kernels read as f32 whatever the activations' dtype.
+    expect_dtype(op, "mean", mean, DType::F32)?;
+    expect_dtype(op, "rstd", rstd, DType::F32)
 }
 
 pub fn attention_forward<B: Buffer>(
@@ -95,7 +98,9 @@ pub fn attention_backward<B: Buffer>(
     expect_len(op, "qkv", qkv, tokens * 3 * shape.channels())?;
     expect_len(op, "dout", dout, tokens * shape.channels())?;
     expect_len(op, "out", out, tokens * shape.channels())?;
-    expect_len(op, "lse", lse, tokens * shape.heads)
+    expect_len(op, "lse", lse, tokens * shape.heads)?;
+    // Saved by the forward as f32 and read as f32 by the kernels.
+    expect_dtype(op, "lse", lse, DType::F32)
 }
 
 /// `ids` has `expected` entries, each below `bound`.

@@ -19,7 +19,8 @@ pub(super) struct Hardware {
 pub(super) fn describe(device: &Device, param_dtype: DType, peak_tflops: Option<f64>) -> Hardware {
     let (kind, card) = match device {
         Device::Cpu => ("cpu", cpu_model_name()),
-        Device::Cuda(gpu) => ("cuda", gpu.name().to_string()),
+        Device::Cuda(gpu) if !gpu.is_real() => ("sim", gpu.name()),
+        Device::Cuda(gpu) => ("cuda", gpu.name()),
     };
     let (peak_flops, peak_source) = match (peak_tflops, device) {
         (Some(t), _) => (Some(t * 1e12), "--peak-tflops".to_string()),

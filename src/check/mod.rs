@@ -10,13 +10,15 @@
 //! shapes and dtypes, how far off, and what went wrong.
 //!
 //! Files: `compare` judges one buffer, `random` draws host values, `harness` runs one case on both
-//! backends, `cases/` lists the cases of each op, `report` holds the results and renders them.
+//! backends, `cases/` lists the cases of each op, `report` holds the results and renders them;
+//! `tensor_core` checks the tensor-core fragments of `kernels/tensor_core.cuh` on CUDA devices.
 
 mod cases;
 mod compare;
 mod harness;
 mod random;
 mod report;
+pub mod tensor_core;
 
 use anyhow::Result;
 

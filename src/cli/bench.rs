@@ -60,7 +60,8 @@ pub(super) struct BenchArgs {
     /// Override one config key, e.g. `--set model.n_layer=2` (repeatable, applied in order).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// cpu, cuda, or auto (a GPU when one is usable); default: the config's `device`.
+    /// cpu, cuda, sim (the simulated GPU) or auto (a GPU when one is usable); default: the
+    /// config's `device`.
     #[arg(long, value_parser = parse_device)]
     device: Option<DeviceKind>,
 }
@@ -178,7 +179,7 @@ pub(super) struct BenchCommArgs {
     /// Element type moved.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: DType,
-    /// cpu, cuda, or auto (a GPU when one is usable).
+    /// cpu, cuda, sim (the simulated GPU) or auto (a GPU when one is usable).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: DeviceKind,
     /// Ranks as threads of this process (ignored under a launcher, which decides).
@@ -214,7 +215,8 @@ fn parse_device(s: &str) -> Result<DeviceKind, String> {
         "auto" => Ok(DeviceKind::Auto),
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" => Ok(DeviceKind::Cuda),
-        _ => Err(format!("`{s}`: expected auto, cpu or cuda")),
+        "sim" => Ok(DeviceKind::Sim),
+        _ => Err(format!("`{s}`: expected auto, cpu, cuda or sim")),
     }
 }
 

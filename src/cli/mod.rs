@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval;
+mod nccl_ids;
 mod plan;
 pub mod run_dir;
 mod tokenize;
@@ -16,9 +17,9 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{CudaBackend, CudaDevice};
 use crate::backend::OpTime;
-use crate::check::{check_ops, CheckOptions};
+use crate::check::{check_ops, tensor_core, CheckOptions};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{Config, ConfigError};
 use crate::error::UsageError;
@@ -140,7 +141,8 @@ struct ExportArgs {
 
 #[derive(Debug, Args)]
 struct CheckArgs {
-    /// The backend to check against the CPU reference (`cpu` checks the f32 CPU backend itself).
+    /// The backend to check against the CPU reference: `cuda` (a GPU), `sim` (the CUDA backend on
+    /// the simulated GPU) or `cpu` (the f32 CPU backend itself).
     #[arg(long, value_enum, default_value_t = CheckDevice::Cuda)]
     device: CheckDevice,
     /// Seed of the random inputs.
@@ -154,6 +156,7 @@ struct CheckArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum CheckDevice {
     Cuda,
+    Sim,
     Cpu,
 }
 
@@ -168,6 +171,9 @@ pub(crate) struct TrainArgs {
     /// Number of ranks: short for `--set parallel.world_size=N`.
     #[arg(long, value_name = "N")]
     world: Option<usize>,
+    /// The device: short for `--set device=D` (auto, cpu, cuda, or sim: the simulated GPU).
+    #[arg(long, value_name = "D")]
+    device: Option<String>,
     /// Where this run writes its config, metrics and weights. Must not exist or be empty.
     /// Default: runs/<config name>-<UTC date-time>.
     #[arg(long, value_name = "DIR")]
@@ -327,18 +333,28 @@ fn check_command(args: CheckArgs) -> Result<()> {
         seed: args.seed,
         filter: args.filter,
     };
-    let report = match args.device {
-        CheckDevice::Cuda => check_ops(&CudaBackend::new(&train::device::require_cuda()?)?, &opts)?,
-        CheckDevice::Cpu => check_ops(&CpuBackend::<f32>::new(), &opts)?,
+    let cuda = match args.device {
+        CheckDevice::Cuda => Some(train::device::require_cuda()?),
+        CheckDevice::Sim => Some(CudaDevice::open_sim()?),
+        CheckDevice::Cpu => None,
+    };
+    let report = match &cuda {
+        Some(device) => check_ops(&CudaBackend::new(device)?, &opts)?,
+        None => check_ops(&CpuBackend::<f32>::new(), &opts)?,
     };
     print!("{}", report.render());
-    let failed = report.failures();
+    let (mut failed, mut total) = (report.failures(), report.cases.len());
+    // CUDA devices also verify the tensor-core fragments the kernels build on; a --filter run is
+    // about the ops it names, so it skips them.
+    if let (Some(device), None) = (&cuda, &opts.filter) {
+        let cases = tensor_core::check_tensor_cores(device, opts.seed)?;
+        let rendered = tensor_core::render_fragment_report(&cases, &device.describe());
+        print!("{rendered}");
+        failed += tensor_core::fragment_failures(&cases);
+        total += cases.len();
+    }
     if failed > 0 {
-        bail!(
-            "{failed} of {} op checks failed on {}",
-            report.cases.len(),
-            report.subject
-        );
+        bail!("{failed} of {total} checks failed on {}", report.subject);
     }
     Ok(())
 }

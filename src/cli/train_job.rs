@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{render_op_times, run_dir, TrainArgs};
+use super::{nccl_ids, render_op_times, run_dir, TrainArgs};
 use crate::backend::cuda::CudaBackend;
 use crate::checkpoint::{self, Checkpoint};
 use crate::comm::nccl::{self, NcclComm};
@@ -58,6 +58,9 @@ pub(super) fn train_command(args: TrainArgs) -> Result<()> {
     if let Some(n) = args.world {
         overrides.push(format!("parallel.world_size={n}"));
     }
+    if let Some(d) = &args.device {
+        overrides.push(format!("device={d}"));
+    }
     if let Some(env) = &rank_env {
         // The launcher decides how many ranks there are.
         overrides.push(format!("parallel.world_size={}", env.world_size));
@@ -92,37 +95,22 @@ fn faults_of(job: &Job) -> train::Faults {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct JobPayload {
     run_dir: PathBuf,
-    /// NCCL unique ids by group (its ranks, comma-separated), when the ranks run on GPUs.
+    /// NCCL unique ids by communicator (see [`nccl_ids::comm_key`]), when the ranks run on GPUs.
     nccl_ids: Option<BTreeMap<String, Vec<u8>>>,
 }
 
-fn group_key(ranks: &[usize]) -> String {
-    ranks
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// This process is one rank of a multi-process job: rank 0 makes the run directory (and, on GPUs,
-/// draws an NCCL id per group) and hands them to the others at the rendezvous; every rank then
-/// trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
+/// draws an NCCL id per communicator) and hands them to the others at the rendezvous; every rank
+/// then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
 fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
     let device = train::device::resolve_on(job.cfg.device, crate::launch::device_ordinal(env))?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
     let plan = ShardPlan::new(&job.cfg.parallel);
-    let gpu = matches!(device, Device::Cuda(_));
+    // NCCL needs real GPUs; ranks of a multi-process job on the simulated GPU go over TCP.
+    let gpu = device.is_real_gpu();
     let payload = if env.rank == 0 {
         let nccl_ids = if gpu {
-            let mut ids = BTreeMap::new();
-            let world: Vec<usize> = (0..plan.world_size).collect();
-            for group in std::iter::once(world)
-                .chain(plan.all_shard_groups())
-                .chain(plan.all_replica_groups())
-            {
-                ids.insert(group_key(&group), nccl::new_unique_id()?);
-            }
-            Some(ids)
+            Some(nccl_ids::draw_ids(&plan, nccl::new_unique_id)?)
         } else {
             None
         };
@@ -141,16 +129,21 @@ fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
         (Device::Cuda(gpu), Some(ids)) => {
             let be = CudaBackend::new(gpu)?;
             let rank = env.rank;
-            let comm = |group: Vec<usize>| -> Result<NcclComm> {
-                let id = ids
-                    .get(&group_key(&group))
-                    .ok_or_else(|| anyhow::anyhow!("no NCCL id for the group {group:?}"))?;
-                NcclComm::init(&be, &group, rank, id, timeout)
-            };
+            // Created in the same order on every rank, each from its own id; the first failure
+            // stops (the others would only wait out their own timeouts).
+            let mut made = Vec::with_capacity(3);
+            for (role, group) in nccl_ids::rank_communicators(&plan, rank) {
+                let id = nccl_ids::id_for(ids, role, &group)?;
+                let comm = NcclComm::init(&be, &group, rank, id, timeout)
+                    .with_context(|| format!("the {role} communicator"))?;
+                made.push(comm);
+            }
+            let [world, shard, replica]: [NcclComm; 3] =
+                made.try_into().expect("a rank makes three communicators");
             let comms = RankComms {
-                world: comm((0..plan.world_size).collect())?,
-                shard: comm(plan.shard_group(rank))?,
-                replica: comm(plan.replica_group(rank))?,
+                world,
+                shard,
+                replica,
             };
             train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms)?
         }

@@ -4,6 +4,8 @@
 
 pub mod local;
 pub mod nccl;
+pub mod nccl_init;
+pub mod nccl_lib;
 pub mod rendezvous;
 pub mod tcp;
 

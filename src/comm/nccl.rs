@@ -2,6 +2,11 @@
 //! second CUDA stream), ordered against compute by events like the `local` transport, so the next
 //! unit's all-gather runs beside the current unit's kernels.
 //!
+//! NCCL itself is called through [`nccl_lib`], which finds libnccl.so.2 by full path (cudarc's
+//! loader asks for names pip's wheels and many distributions do not ship). Communicators are
+//! non-blocking ([`nccl_init`]): creating one waits at most the collective timeout for the peers,
+//! and a collective NCCL is still enqueueing is waited for before its done event is recorded.
+//!
 //! Communicators: one for the world and one per shard group and replica group this rank is in,
 //! each created from a unique id rank 0 draws and hands out at the rendezvous (NCCL's own id
 //! exchange through NCCL_COMM_ID fails opaquely; see FACTS.md). Reductions are NCCL's (ring or
@@ -13,41 +18,40 @@
 //! (a rank died or hung: NCCL itself would wait forever) makes the watchdog abort the communicator
 //! (ncclCommAbort) and end the process with the collective's name, sequence number and group, and
 //! [`PeerFailed::EXIT_CODE`], so the launcher stops the job and names the first rank that failed.
+//! A done event that reports a CUDA error is this rank's own failure: the watchdog says so, with
+//! the error, aborts, and exits with the ordinary failure code, so the launcher blames this rank.
 
 use std::any::Any;
 use std::collections::VecDeque;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::nccl::{result as nccl, sys};
+use cudarc::nccl::sys;
 
+use super::nccl_init::{self, Stalled};
+use super::nccl_lib::{self, NcclLib};
 use super::{
     all_gather_problem, reduce_scatter_problem, Communicator, PeerFailed, Pending, ReduceOp,
 };
 use crate::backend::cuda::{CudaBackend, CudaBuf, CudaMark};
 use crate::backend::{Backend, Buffer, DType};
 
-/// Whether the NCCL library can be loaded; the error says how to make it loadable.
+/// Whether the NCCL library can be loaded; the error says where it was looked for and how to
+/// make it loadable.
 pub fn check_library() -> Result<()> {
-    // SAFETY: is_culib_present only tries to open the library.
-    if unsafe { sys::is_culib_present() } {
-        Ok(())
-    } else {
-        bail!(
-            "NCCL could not be loaded: shardtrain looks for libnccl.so on the loader path \
-             (LD_LIBRARY_PATH, ldconfig). pip's nvidia-nccl wheels ship only libnccl.so.2: link \
-             libnccl.so to it in a directory on LD_LIBRARY_PATH"
-        )
-    }
+    nccl_lib::get().map(|_| ())
 }
 
 /// A fresh NCCL unique id (on rank 0), as bytes to hand out at the rendezvous.
 pub fn new_unique_id() -> Result<Vec<u8>> {
-    check_library()?;
-    let id = nccl::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
+    let lib = nccl_lib::get()?;
+    let mut id = sys::ncclUniqueId { internal: [0; 128] };
+    // SAFETY: a valid out-pointer.
+    let code = unsafe { (lib.get_unique_id)(&mut id) };
+    lib.check(code, "ncclGetUniqueId")?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
 
@@ -63,8 +67,12 @@ struct Watchdog {
     wake: Condvar,
 }
 
-/// A communicator handle that can be aborted from the watchdog thread.
-struct RawComm(sys::ncclComm_t);
+/// A communicator handle that can be aborted from the watchdog thread, with the library it
+/// belongs to.
+struct RawComm {
+    comm: sys::ncclComm_t,
+    lib: &'static NcclLib,
+}
 // SAFETY: NCCL communicators may be used from another thread for ncclCommAbort, which is what
 // the watchdog does; every other use is from the rank's own thread.
 unsafe impl Send for RawComm {}
@@ -91,8 +99,9 @@ impl std::fmt::Debug for NcclComm {
 }
 
 impl NcclComm {
-    /// Joins the group `ranks` (global ranks, this rank among them) with the unique id its first
-    /// rank drew. Every member must call this; the GPU is `backend`'s.
+    /// Joins the group `ranks` (global ranks, this rank among them) with the unique id drawn for
+    /// this communicator. Every member must call this; the GPU is `backend`'s. Waits at most
+    /// `timeout` for the other members (see [`nccl_init`]).
     pub fn init(
         backend: &CudaBackend,
         ranks: &[usize],
@@ -100,7 +109,7 @@ impl NcclComm {
         unique_id: &[u8],
         timeout: Duration,
     ) -> Result<NcclComm> {
-        check_library()?;
+        let lib = nccl_lib::get()?;
         let me = ranks
             .iter()
             .position(|&r| r == global_rank)
@@ -112,19 +121,10 @@ impl NcclComm {
         for (d, &s) in internal.iter_mut().zip(unique_id) {
             *d = s as std::ffi::c_char;
         }
+        // NCCL takes the calling thread's current device.
         backend.bind_context()?;
-        let mut comm = std::ptr::null_mut();
-        // SAFETY: a valid out-pointer and id; every member of the group makes the same call.
-        unsafe {
-            nccl::comm_init_rank(
-                &mut comm,
-                ranks.len() as i32,
-                sys::ncclUniqueId { internal },
-                me as i32,
-            )
-        }
-        .map_err(|e| anyhow!("ncclCommInitRank for ranks {ranks:?} (rank {global_rank}): {e:?}"))?;
-        let comm = Arc::new(RawComm(comm));
+        let comm = nccl_init::init_comm(lib, ranks, me, sys::ncclUniqueId { internal }, timeout)?;
+        let comm = Arc::new(RawComm { comm, lib });
         let watchdog = Arc::new(Watchdog {
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
@@ -149,7 +149,7 @@ impl NcclComm {
         &self,
         be: &B,
         name: &str,
-        op: impl FnOnce(&CudaBackend, sys::cudaStream_t) -> Result<()>,
+        op: impl FnOnce(&CudaBackend, sys::cudaStream_t) -> c_int,
     ) -> Result<Pending<B>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let label = format!("{name} #{seq} on ranks {:?}", self.ranks);
@@ -159,7 +159,9 @@ impl NcclComm {
         let ready = cuda.record_event()?;
         let lane = cuda.comm_lane();
         lane.wait_event(&ready)?;
-        op(lane, lane.raw_stream() as sys::cudaStream_t).map_err(|e| anyhow!("{label}: {e:#}"))?;
+        let code = op(lane, lane.raw_stream()? as sys::cudaStream_t);
+        self.enqueued(code, &label)?;
+        // Only now are NCCL's kernels on the lane: the done event must come after them.
         let done = lane.record_event()?;
         let mut q = self
             .watchdog
@@ -181,6 +183,45 @@ impl NcclComm {
         Ok(Pending::after(vec![done]))
     }
 
+    /// Handles a collective's return code. A non-blocking communicator may answer ncclInProgress
+    /// before the kernels are on the stream: wait for NCCL to finish enqueueing, up to the
+    /// collective timeout (it may be connecting to peers). Past it, or on an error NCCL reports
+    /// meanwhile, the communicator is in an unknown state: abort it and end the process, as the
+    /// watchdog does.
+    fn enqueued(&self, code: c_int, label: &str) -> Result<()> {
+        let lib = self.comm.lib;
+        match code {
+            nccl_lib::NCCL_SUCCESS => Ok(()),
+            nccl_lib::NCCL_IN_PROGRESS => {
+                let deadline = Instant::now() + self.timeout;
+                // SAFETY: our live communicator.
+                match unsafe { nccl_init::wait_ready(lib, self.comm.comm, deadline) } {
+                    Ok(()) => Ok(()),
+                    Err(Stalled::TimedOut) => abort_and_exit(
+                        &self.comm,
+                        self.ranks[self.me],
+                        &format!(
+                            "{label} was not enqueued within its collective timeout (a peer did \
+                             not connect)"
+                        ),
+                        PeerFailed::EXIT_CODE,
+                    ),
+                    Err(Stalled::Failed(e)) => abort_and_exit(
+                        &self.comm,
+                        self.ranks[self.me],
+                        &format!("{label}: {}: {}", lib.describe(e), lib.last_error()),
+                        if e == nccl_lib::NCCL_REMOTE_ERROR {
+                            PeerFailed::EXIT_CODE
+                        } else {
+                            LOCAL_FAILURE_EXIT_CODE
+                        },
+                    ),
+                }
+            }
+            failed => lib.check(failed, label),
+        }
+    }
+
     fn finish<B: Backend>(&self, be: &B, pending: Pending<B>) -> Result<()> {
         pending.wait(be)
     }
@@ -192,18 +233,20 @@ fn cuda_buf<'a, B: Backend>(b: &'a B::Buf, what: &str) -> Result<&'a CudaBuf> {
         .ok_or_else(|| anyhow!("NCCL: `{what}` is not a CUDA buffer"))
 }
 
-fn nccl_type(d: DType) -> sys::ncclDataType_t {
-    match d {
+/// ncclDataType_t, as the int the entry points take.
+fn nccl_type(d: DType) -> c_int {
+    (match d {
         DType::F32 => sys::ncclDataType_t::ncclFloat32,
         DType::Bf16 => sys::ncclDataType_t::ncclBfloat16,
-    }
+    }) as c_int
 }
 
-fn nccl_op(op: ReduceOp) -> sys::ncclRedOp_t {
-    match op {
+/// ncclRedOp_t, likewise.
+fn nccl_op(op: ReduceOp) -> c_int {
+    (match op {
         ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
         ReduceOp::Avg => sys::ncclRedOp_t::ncclAvg,
-    }
+    }) as c_int
 }
 
 fn same_dtype(op: &str, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
@@ -217,12 +260,48 @@ fn same_dtype(op: &str, a: &CudaBuf, b: &CudaBuf) -> Result<()> {
     Ok(())
 }
 
-fn nccl_err(e: nccl::NcclError) -> anyhow::Error {
-    anyhow!("NCCL: {e:?}")
+/// The exit code of a rank whose own GPU failed a collective: the CLI's "the run failed" (1), a
+/// root cause, so never [`PeerFailed::EXIT_CODE`], which tells the launcher to blame another rank.
+const LOCAL_FAILURE_EXIT_CODE: u8 = 1;
+
+/// What the watchdog does about the oldest collective it watches.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Finished: stop watching it.
+    Done,
+    /// Not finished, within its deadline: look again shortly.
+    Wait,
+    /// Not finished by its deadline: a peer died or hung (NCCL would wait forever).
+    TimedOut,
+    /// The done event reports a CUDA error: the collective, or work before it, failed on this
+    /// rank's GPU. Checked before the deadline, so a local fault is never blamed on a peer.
+    LocalError(String),
 }
 
-/// Watches the done events in order; past a deadline, aborts the communicator and ends the
-/// process (the rank cannot go on: NCCL would wait forever on the dead or hung peer).
+/// Judges one query of a collective's done event (see [`CudaMark::query`]).
+fn judge(query: Result<bool>, now: Instant, deadline: Instant) -> Verdict {
+    match query {
+        Ok(true) => Verdict::Done,
+        Err(e) => Verdict::LocalError(format!("{e:#}")),
+        Ok(false) if now >= deadline => Verdict::TimedOut,
+        Ok(false) => Verdict::Wait,
+    }
+}
+
+/// Says why, aborts the communicator and ends the process with `code`: the rank cannot go on.
+fn abort_and_exit(comm: &RawComm, rank: usize, message: &str, code: u8) -> ! {
+    eprintln!("error: rank {rank}: {message}; aborting the NCCL communicator");
+    // SAFETY: aborting a live communicator, from any thread, is what NCCL's abort is for; the
+    // process ends right after, so nothing uses it again.
+    unsafe {
+        let _ = (comm.lib.comm_abort)(comm.comm);
+    }
+    std::process::exit(i32::from(code))
+}
+
+/// Watches the done events in order; past a deadline, or on a CUDA error, aborts the
+/// communicator and ends the process (the rank cannot go on: NCCL would wait forever on the dead
+/// or hung peer, and a failed GPU context takes every later call down with it).
 fn spawn_watchdog(w: Arc<Watchdog>, comm: Arc<RawComm>, rank: usize) {
     std::thread::Builder::new()
         .name(format!("nccl-watchdog-{rank}"))
@@ -232,25 +311,29 @@ fn spawn_watchdog(w: Arc<Watchdog>, comm: Arc<RawComm>, rank: usize) {
                 q = w.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
             let front = q.front().expect("not empty");
-            if front.done.is_complete() {
-                q.pop_front();
-                continue;
-            }
-            if Instant::now() >= front.deadline {
-                let label = front.label.clone();
-                eprintln!(
-                    "error: rank {rank}: {label} did not complete within its collective timeout \
-                     (a peer died or hung); aborting the NCCL communicator"
-                );
-                // SAFETY: aborting a live communicator from another thread is what NCCL's abort
-                // is for; the process ends right after.
-                unsafe {
-                    let _ = nccl::comm_abort(comm.0);
+            let (message, code) = match judge(front.done.query(), Instant::now(), front.deadline) {
+                Verdict::Done => {
+                    q.pop_front();
+                    continue;
                 }
-                std::process::exit(i32::from(PeerFailed::EXIT_CODE));
-            }
-            drop(q);
-            std::thread::sleep(Duration::from_millis(5));
+                Verdict::Wait => {
+                    drop(q);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Verdict::TimedOut => (
+                    format!(
+                        "{} did not complete within its collective timeout (a peer died or hung)",
+                        front.label
+                    ),
+                    PeerFailed::EXIT_CODE,
+                ),
+                Verdict::LocalError(e) => (
+                    format!("{} failed on this rank's GPU: {e}", front.label),
+                    LOCAL_FAILURE_EXIT_CODE,
+                ),
+            };
+            abort_and_exit(&comm, rank, &message, code)
         })
         .expect("spawning the NCCL watchdog thread");
 }
@@ -284,21 +367,19 @@ impl Communicator for NcclComm {
         if let Some(problem) = all_gather_problem(o.len(), s.len(), self.ranks.len()) {
             bail!("{problem}");
         }
-        let comm = self.comm.0;
+        let c = &self.comm;
         self.issue(be, "all_gather", |_, stream| {
             // SAFETY: device addresses of live buffers of the checked lengths, on this rank's GPU.
             unsafe {
-                nccl::all_gather(
+                (c.lib.all_gather)(
                     s.device_address() as *const c_void,
                     o.device_address() as *mut c_void,
                     s.len(),
                     nccl_type(s.dtype()),
-                    comm,
+                    c.comm,
                     stream,
                 )
             }
-            .map(|_| ())
-            .map_err(nccl_err)
         })
     }
 
@@ -325,43 +406,39 @@ impl Communicator for NcclComm {
         if let Some(problem) = reduce_scatter_problem(f.len(), o.len(), self.ranks.len()) {
             bail!("{problem}");
         }
-        let comm = self.comm.0;
+        let c = &self.comm;
         self.issue(be, "reduce_scatter", |_, stream| {
             // SAFETY: as in all_gather.
             unsafe {
-                nccl::reduce_scatter(
+                (c.lib.reduce_scatter)(
                     f.device_address() as *const c_void,
                     o.device_address() as *mut c_void,
                     o.len(),
                     nccl_type(o.dtype()),
                     nccl_op(op),
-                    comm,
+                    c.comm,
                     stream,
                 )
             }
-            .map(|_| ())
-            .map_err(nccl_err)
         })
     }
 
     fn all_reduce<B: Backend>(&self, be: &B, buf: &B::Buf, op: ReduceOp) -> Result<()> {
         let b = cuda_buf::<B>(buf, "buf")?;
-        let comm = self.comm.0;
+        let c = &self.comm;
         let pending = self.issue(be, "all_reduce", |_, stream| {
             // SAFETY: in place on a live buffer (NCCL allows send == recv for all_reduce).
             unsafe {
-                nccl::all_reduce(
+                (c.lib.all_reduce)(
                     b.device_address() as *const c_void,
                     b.device_address() as *mut c_void,
                     b.len(),
                     nccl_type(b.dtype()),
                     nccl_op(op),
-                    comm,
+                    c.comm,
                     stream,
                 )
             }
-            .map(|_| ())
-            .map_err(nccl_err)
         })?;
         self.finish(be, pending)
     }
@@ -374,22 +451,20 @@ impl Communicator for NcclComm {
             );
         }
         let b = cuda_buf::<B>(buf, "buf")?;
-        let comm = self.comm.0;
+        let c = &self.comm;
         let pending = self.issue(be, "broadcast", |_, stream| {
             // SAFETY: in place on a live buffer (NCCL allows send == recv for broadcast).
             unsafe {
-                nccl::broadcast(
+                (c.lib.broadcast)(
                     b.device_address() as *const c_void,
                     b.device_address() as *mut c_void,
                     b.len(),
                     nccl_type(b.dtype()),
-                    root as i32,
-                    comm,
+                    root as c_int,
+                    c.comm,
                     stream,
                 )
             }
-            .map(|_| ())
-            .map_err(nccl_err)
         })?;
         self.finish(be, pending)
     }
@@ -409,8 +484,34 @@ impl Drop for NcclComm {
         if Arc::strong_count(&self.comm) <= 2 {
             // SAFETY: no collective is issued after the owner drops its handle.
             unsafe {
-                let _ = nccl::comm_destroy(self.comm.0);
+                let _ = (self.comm.lib.comm_destroy)(self.comm.comm);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_tells_a_local_error_from_a_late_peer() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        assert_eq!(judge(Ok(true), now, later), Verdict::Done);
+        assert_eq!(judge(Ok(true), later, now), Verdict::Done);
+        assert_eq!(judge(Ok(false), now, later), Verdict::Wait);
+        assert_eq!(judge(Ok(false), later, now), Verdict::TimedOut);
+        assert_eq!(judge(Ok(false), now, now), Verdict::TimedOut);
+        // A device error is this rank's own, before and after the deadline alike.
+        for (at, deadline) in [(now, later), (later, now)] {
+            let v = judge(Err(anyhow!("CUDA_ERROR_ILLEGAL_ADDRESS")), at, deadline);
+            assert_eq!(
+                v,
+                Verdict::LocalError("CUDA_ERROR_ILLEGAL_ADDRESS".to_string())
+            );
+        }
+        // The launcher blames the first rank that did not exit with PeerFailed's code.
+        assert_ne!(LOCAL_FAILURE_EXIT_CODE, PeerFailed::EXIT_CODE);
     }
 }

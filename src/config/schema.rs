@@ -368,4 +368,7 @@ pub enum DeviceKind {
     /// The CUDA backend on GPU 0 (every rank of a `local` world shares it); an error when no
     /// usable GPU, driver or cuBLAS is found, or the binary was built without kernels.
     Cuda,
+    /// The CUDA backend on the simulated GPU: every kernel compiled for the host and run on the
+    /// CPU, with race and bounds checks (slow: for verifying the GPU code without a GPU).
+    Sim,
 }

@@ -1,4 +1,4 @@
-//! Which backend a job runs on: `device: auto | cpu | cuda` resolved once per job, before any rank
+//! Which backend a job runs on: `device: auto | cpu | cuda | sim` resolved once per job, before any rank
 //! starts, so a missing GPU, driver or library is one clear error rather than one per rank.
 
 use std::sync::Arc;
@@ -13,8 +13,16 @@ use crate::config::DeviceKind;
 #[derive(Debug, Clone)]
 pub enum Device {
     Cpu,
-    /// One GPU shared by every rank (ranks are threads with a stream each).
+    /// One GPU shared by every rank (ranks are threads with a stream each); also the simulated
+    /// GPU, which runs the same CUDA backend.
     Cuda(Arc<CudaDevice>),
+}
+
+impl Device {
+    /// Whether this is a real GPU (the NCCL transport needs one).
+    pub fn is_real_gpu(&self) -> bool {
+        matches!(self, Device::Cuda(d) if d.is_real())
+    }
 }
 
 /// Resolves the config's device. `auto` takes GPU 0 when this build has kernels and a GPU with
@@ -28,6 +36,7 @@ pub fn resolve_on(kind: DeviceKind, ordinal: usize) -> Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda => Ok(Device::Cuda(CudaDevice::open(ordinal)?)),
+        DeviceKind::Sim => Ok(Device::Cuda(CudaDevice::open_sim()?)),
         DeviceKind::Auto => {
             let reason = missing_kernels_reason()
                 .map(str::to_string)

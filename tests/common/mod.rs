@@ -61,3 +61,4 @@ pub const STRATEGIES: [ShardStrategy; 4] = [
     ShardStrategy::NoShard,
     ShardStrategy::HybridShard,
 ];
+pub mod sim;

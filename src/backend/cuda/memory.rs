@@ -5,9 +5,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{sys::CUdeviceptr, CudaStream};
+use anyhow::{bail, Result};
 
+use super::driver::Stream;
 use crate::backend::{Buffer, DType};
 
 /// Bytes held through one backend: now and at most.
@@ -39,37 +39,26 @@ impl MemoryStats {
 /// One allocation, freed (stream-ordered, after the work queued before it) when the last handle
 /// to it goes.
 pub(super) struct DeviceMemory {
-    ptr: CUdeviceptr,
+    ptr: u64,
     bytes: usize,
-    stream: Arc<CudaStream>,
+    stream: Arc<dyn Stream>,
     stats: Arc<MemoryStats>,
 }
 
 impl DeviceMemory {
     /// `bytes` of uninitialised memory, ordered on `stream`. Zero bytes allocate nothing.
     pub(super) fn new(
-        stream: &Arc<CudaStream>,
+        stream: &Arc<dyn Stream>,
         stats: &Arc<MemoryStats>,
         bytes: usize,
     ) -> Result<DeviceMemory> {
-        let ptr = if bytes == 0 {
-            0
-        } else {
-            stream
-                .context()
-                .bind_to_thread()
-                .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
-            // SAFETY: a plain stream-ordered allocation on a live stream of the bound context.
-            unsafe { cudarc::driver::result::malloc_async(stream.cu_stream(), bytes) }.map_err(
-                |e| {
-                    anyhow!(
-                        "allocating {bytes} bytes on the GPU failed: {e:?} (out of GPU memory? \
-                         {} bytes are held by this rank)",
-                        stats.current()
-                    )
-                },
-            )?
-        };
+        let ptr = stream.alloc(bytes).map_err(|e| {
+            e.context(format!(
+                "allocating {bytes} bytes of device memory (out of memory? {} bytes are held by \
+                 this rank)",
+                stats.current()
+            ))
+        })?;
         stats.add(bytes);
         Ok(DeviceMemory {
             ptr,
@@ -79,23 +68,16 @@ impl DeviceMemory {
         })
     }
 
-    pub(super) fn ptr(&self) -> CUdeviceptr {
+    pub(super) fn ptr(&self) -> u64 {
         self.ptr
     }
 }
 
 impl Drop for DeviceMemory {
     fn drop(&mut self) {
-        if self.ptr != 0 {
-            // A failure here cannot be returned; the context records it for the next call.
-            let ctx = self.stream.context();
-            ctx.record_err(ctx.bind_to_thread());
-            // SAFETY: the pointer came from malloc_async on this stream and is freed once; work
-            // queued on the stream before this point still sees valid memory.
-            ctx.record_err(unsafe {
-                cudarc::driver::result::free_async(self.ptr, self.stream.cu_stream())
-            });
-        }
+        // Work queued on the stream before this point still sees valid memory; a failure is
+        // recorded by the driver for the next synchronize.
+        self.stream.free(self.ptr);
         self.stats.sub(self.bytes);
     }
 }
@@ -189,9 +171,3 @@ impl CudaIds {
         self.mem.ptr()
     }
 }
-
-// SAFETY: DeviceMemory holds a device address (an integer) and thread-safe handles; freeing is a
-// stream-ordered driver call valid from any thread once the context is bound (Drop binds it).
-unsafe impl Send for DeviceMemory {}
-// SAFETY: as above; no interior mutation through &DeviceMemory.
-unsafe impl Sync for DeviceMemory {}

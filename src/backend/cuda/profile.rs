@@ -1,4 +1,4 @@
-//! Per-op GPU timing: when switched on, each op is bracketed by two CUDA events on the rank's
+//! Per-op GPU timing: when switched on, each op is bracketed by two timing events on the rank's
 //! stream, and the elapsed times are summed per op name when the events are collected. This is the
 //! "where does the time go" table of the benchmark; it costs two event records per op, so it is off
 //! unless asked for.
@@ -8,14 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
-use cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream};
+
+use super::driver::{Event, Stream};
 
 use crate::backend::OpTime;
+
+/// One timed op: its name and the events before and after it.
+type Bracket = (&'static str, Arc<dyn Event>, Arc<dyn Event>);
 
 #[derive(Default)]
 pub(super) struct OpProfiler {
     on: AtomicBool,
-    pending: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    pending: Mutex<Vec<Bracket>>,
     totals: Mutex<BTreeMap<&'static str, (u64, f64)>>,
 }
 
@@ -27,25 +31,16 @@ impl OpProfiler {
     /// Runs `op`, timing it on `stream` when profiling is on.
     pub(super) fn time<R>(
         &self,
-        stream: &Arc<CudaStream>,
+        stream: &dyn Stream,
         name: &'static str,
         op: impl FnOnce() -> Result<R>,
     ) -> Result<R> {
         if !self.on.load(Ordering::Relaxed) {
             return op();
         }
-        let ctx = stream.context();
-        let event = || {
-            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| anyhow!("creating a timing event: {e:?}"))
-        };
-        let (start, end) = (event()?, event()?);
-        start
-            .record(stream)
-            .map_err(|e| anyhow!("recording a timing event: {e:?}"))?;
+        let start = stream.record(true)?;
         let r = op()?;
-        end.record(stream)
-            .map_err(|e| anyhow!("recording a timing event: {e:?}"))?;
+        let end = stream.record(true)?;
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -59,8 +54,8 @@ impl OpProfiler {
         let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         for (name, start, end) in pending {
             let ms = start
-                .elapsed_ms(&end)
-                .map_err(|e| anyhow!("reading a timing event: {e:?}"))?;
+                .elapsed_ms_to(end.as_ref())
+                .map_err(|e| anyhow!("reading a timing event: {e:#}"))?;
             let t = totals.entry(name).or_default();
             t.0 += 1;
             t.1 += ms as f64;

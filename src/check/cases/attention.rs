@@ -1,5 +1,6 @@
-//! Cases of causal attention forward and backward: head sizes 32 and 64, sequences of 1 to 130
-//! (one token, odd, a tile, a tile plus one, two tiles plus two), f32 and bf16. `lse` is f32.
+//! Cases of causal attention forward and backward: head sizes 32, 64 and 128, sequences of 1 to 130
+//! (one token, odd, a tile, a tile plus one, two tiles plus two; head size 128 has tiles of 32),
+//! f32 and bf16. `lse` is f32.
 
 use anyhow::Result;
 
@@ -9,7 +10,7 @@ use crate::check::harness::{Ctx, Reference};
 use crate::check::random::{normal, uniform};
 
 /// (batch, seq, heads, head_dim).
-const SHAPES: [(usize, usize, usize, usize); 10] = [
+const SHAPES: [(usize, usize, usize, usize); 13] = [
     (1, 1, 1, 32),
     (1, 1, 2, 64),
     (2, 17, 3, 32),
@@ -20,6 +21,9 @@ const SHAPES: [(usize, usize, usize, usize); 10] = [
     (1, 65, 3, 64),
     (1, 130, 1, 32),
     (2, 130, 2, 64),
+    (1, 1, 1, 128),
+    (1, 33, 2, 128),
+    (2, 66, 1, 128),
 ];
 
 fn shapes() -> impl Iterator<Item = (AttentionShape, DType)> {
