@@ -58,17 +58,22 @@ fn find_nvcc() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-fn kernel_sources() -> Vec<PathBuf> {
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
-        .map(|dir| {
-            dir.flatten()
+/// The files of `dir` (not below it) whose extension is `ext`, sorted.
+fn files_with_extension(dir: &str, ext: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+                .filter(|p| p.extension().is_some_and(|e| e == ext))
                 .collect()
         })
         .unwrap_or_default();
-    sources.sort();
-    sources
+    files.sort();
+    files
+}
+
+fn kernel_sources() -> Vec<PathBuf> {
+    files_with_extension("kernels", "cu")
 }
 
 /// Runs nvcc; returns what it printed on stderr (ptxas's resource report with `-Xptxas -v`).

@@ -274,3 +274,28 @@ fn two_sim_devices_are_independent() {
     assert!(a.name().starts_with("sim"));
     assert!(b.memory_in_use().unwrap().0 >= 2000);
 }
+
+#[test]
+fn the_sim_refuses_a_block_whose_registers_do_not_fit() {
+    if !sim_built() || !shardtrain::backend::kernels::CUDA_COMPILED {
+        return; // the register counts come from ptxas at build time
+    }
+    let device = CudaDevice::open_sim().unwrap();
+    let stream = device.driver().new_stream().unwrap();
+    // 255 registers per thread: 64 threads fit a block's 65536, 512 do not.
+    let args = [
+        Arg::Ptr(0),
+        Arg::Ptr(0),
+        Arg::Ptr(0),
+        Arg::Ptr(0),
+        Arg::Ptr(0),
+        Arg::Int(0),
+        Arg::Int(1),
+    ];
+    let name = "attention_backward_dkdv_f32_hs64";
+    // SAFETY: refused before anything is queued.
+    let err =
+        unsafe { stream.launch(name, &geometry((1, 1, 1), (512, 1, 1), 0), &args) }.unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains(name) && err.contains("registers"), "{err}");
+}

@@ -207,16 +207,7 @@ fn generate_sources(
 
 /// The sim runtime's own sources (not its self-tests).
 fn runtime_sources() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir("kernels/sim")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    super::files_with_extension("kernels/sim", "cpp")
 }
 
 /// Compiles every source with the flavor's flags (in parallel) and links the shared library.
@@ -264,9 +255,13 @@ fn build_flavor(
             .collect::<Result<Vec<_>, String>>()
     })?;
     let lib = dir.join(flavor.file);
+    // Only the C interface is exported (libstdc++'s weak template instances would be too).
+    let exports = dir.join("exports.map");
+    write(&exports, "{ global: sim_*; local: *; };\n")?;
     run(
         Command::new(cxx)
             .args(["-shared", "-pthread"])
+            .arg(format!("-Wl,--version-script={}", exports.display()))
             .args(flavor.flags)
             .args(&objects)
             .arg("-o")

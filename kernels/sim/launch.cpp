@@ -149,9 +149,14 @@ int sim_launch(sim_stream* s, const char* name, const uint32_t grid[3], const ui
                     "sim_launch(%s): %u bytes of dynamic shared memory exceed the opt-in of %u (static %u, block "
                     "limit %u)",
                     name, dynamic_smem_bytes, opt_in, static_smem, kOptInSmemLimit);
-    if (res.registers > 0 && (uint64_t)res.registers * threads > kRegistersPerBlock)
-        return fail(SIM_ERROR_LAUNCH, "sim_launch(%s): %d registers x %llu threads exceed the %llu registers of a block",
-                    name, res.registers, (unsigned long long)threads, (unsigned long long)kRegistersPerBlock);
+    // A GPU allocates registers per thread in steps of 8, and for whole warps.
+    const uint64_t allocated = ((uint64_t)res.registers + 7) / 8 * 8 * ((threads + 31) / 32 * 32);
+    if (res.registers > 0 && allocated > kRegistersPerBlock)
+        return fail(SIM_ERROR_LAUNCH,
+                    "sim_launch(%s): %d registers x %llu threads take %llu registers as a GPU allocates them, more "
+                    "than the %llu of a block",
+                    name, res.registers, (unsigned long long)threads, (unsigned long long)allocated,
+                    (unsigned long long)kRegistersPerBlock);
 
     // The parameter list against the signature.
     if (param_count != k->param_count)

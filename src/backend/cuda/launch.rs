@@ -120,17 +120,22 @@ fn spill_budget(kernel: &str) -> u32 {
     }
 }
 
+/// Registers a block takes as the GPU allocates them: per thread in steps of 8, for whole warps.
+#[cfg(test)]
+fn allocated_registers(per_thread: u32, threads: u32) -> u32 {
+    per_thread.div_ceil(8) * 8 * threads.div_ceil(32) * 32
+}
+
 #[cfg(test)]
 /// Why `k` cannot run as its launchers launch it, if it cannot.
 fn resource_problem(k: &crate::backend::kernels::KernelResources) -> Option<String> {
     let threads = max_block_threads(k.name);
-    if k.registers * threads > REGISTERS_PER_BLOCK {
+    let allocated = allocated_registers(k.registers, threads);
+    if allocated > REGISTERS_PER_BLOCK {
         return Some(format!(
-            "{}: {} registers x {threads} threads = {} > {REGISTERS_PER_BLOCK}: the launch would \
-             fail with too many resources requested",
-            k.name,
-            k.registers,
-            k.registers * threads
+            "{}: {} registers x {threads} threads take {allocated} > {REGISTERS_PER_BLOCK} as the \
+             GPU allocates them: the launch would fail with too many resources requested",
+            k.name, k.registers
         ));
     }
     if k.static_smem_bytes > STATIC_SMEM_LIMIT {
@@ -185,6 +190,10 @@ mod tests {
         assert!(resource_problem(&k("cross_entropy_f32", 64, 0, 0)).is_none());
         let e = resource_problem(&k("cross_entropy_f32", 72, 0, 0)).unwrap();
         assert!(e.contains("72 registers x 1024 threads"), "{e}");
+        // 65 registers are allocated as 72: a block of 1024 cannot launch, though 65 x 1024 fits.
+        assert!(resource_problem(&k("cross_entropy_f32", 65, 0, 0)).is_some());
+        assert_eq!(allocated_registers(255, 64), 256 * 64);
+        assert_eq!(allocated_registers(20, 33), 24 * 64);
         let e = resource_problem(&k("attention_forward_f32_hs128", 128, 64 << 10, 0)).unwrap();
         assert!(e.contains("static shared memory"), "{e}");
         let e = resource_problem(&k("layernorm_forward_f32", 40, 0, 8)).unwrap();
