@@ -44,7 +44,10 @@ inline float sim_bf16_to_float(unsigned short bits) {
     return f;
 }
 struct __attribute__((aligned(2))) __nv_bfloat16 {
-    unsigned short __x;
+    // Initialised so that the defaulted constructor is constexpr: a `__shared__` (thread_local)
+    // array of bf16 is then constant-initialised, without the init guard every simulated thread
+    // would touch (a false race under TSan).
+    unsigned short __x = 0;
     __nv_bfloat16() = default;
     __nv_bfloat16(float f) : __x(sim_bf16_bits_rn(f)) {}
     operator float() const { return sim_bf16_to_float(__x); }
