@@ -307,3 +307,40 @@ fn help_names_the_commands() {
         assert!(help.contains(word), "{help}");
     }
 }
+
+#[test]
+fn an_empty_config_file_says_it_sets_no_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "# nothing yet\n\n").unwrap();
+    let out = shardtrain(&["train", "--config", empty.to_str().unwrap(), "--dry-run"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("empty.yaml sets no keys"), "{stderr}");
+}
+
+#[test]
+fn a_huge_value_is_refused_without_echoing_it_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let huge = format!("model.init_from={}", "x".repeat(100_000));
+    let out = shardtrain(&["train", "--run-dir", run.to_str().unwrap(), "--set", &huge]);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        &stderr[..stderr.len().min(2000)]
+    );
+    assert!(
+        stderr.contains("model.init_from") && stderr.contains("100000 bytes"),
+        "{}",
+        &stderr[..stderr.len().min(2000)]
+    );
+    assert!(
+        stderr.len() < 2000,
+        "the error echoes {} bytes",
+        stderr.len()
+    );
+    assert!(!run.exists(), "nothing written");
+}

@@ -58,6 +58,16 @@ impl Config {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::new(format!("{origin}: cannot read config file: {err}")))?;
+        let no_keys = text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if no_keys {
+            // Legal (every key has a default), but more often a truncated or wrong file.
+            tracing::warn!(
+                "{origin} sets no keys: every value is a default (the built-in job's model, data \
+                 and schedule)"
+            );
+        }
         Config::from_yaml_str(&text, &origin, overrides)
     }
 

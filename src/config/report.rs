@@ -39,7 +39,7 @@ impl<'a> Sources<'a> {
             .iter()
             .rev()
             .find(|(k, _)| k == key)
-            .map(|(_, text)| format!("--set {text}"))
+            .map(|(_, text)| format!("--set {}", capped(text)))
     }
 
     /// `file:line` when `key` is written in the file.
@@ -121,4 +121,20 @@ pub(crate) fn yaml_error(
     } else {
         ConfigError::new(header)
     }
+}
+
+/// Longest value an error message repeats whole; longer ones are cut, saying how long they were.
+const ECHO_LIMIT: usize = 120;
+
+/// `text` as an error message may echo it: whole up to [`ECHO_LIMIT`] bytes, else its start and
+/// its length (a 50 MB value must not become a 50 MB error line).
+pub(crate) fn capped(text: &str) -> String {
+    if text.len() <= ECHO_LIMIT {
+        return text.to_string();
+    }
+    let mut end = ECHO_LIMIT - 20;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
 }

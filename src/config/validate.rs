@@ -39,9 +39,30 @@ impl Problems {
     }
 }
 
+/// The longest path Linux opens (PATH_MAX): a longer value cannot name a file.
+const PATH_MAX: usize = 4096;
+
 /// Every problem of `config`; empty when it is valid.
 pub(crate) fn problems(config: &Config) -> Vec<(String, String)> {
     let mut out = Problems(Vec::new());
+    for (key, value) in [
+        ("model.init_from", &config.model.init_from),
+        ("data.train", &config.data.train),
+        ("data.val", &config.data.val),
+        ("checkpoint.dir", &config.checkpoint.dir),
+        ("logging.metrics_file", &config.logging.metrics_file),
+    ] {
+        if value.len() > PATH_MAX {
+            out.push(
+                key,
+                format!(
+                    "a path of {} bytes is longer than any the system opens ({PATH_MAX}): {:?}",
+                    value.len(),
+                    super::report::capped(value)
+                ),
+            );
+        }
+    }
     model(config, &mut out);
     data(config, &mut out);
     train(config, &mut out);
@@ -253,7 +274,8 @@ fn logging(config: &Config, out: &mut Problems) {
         out.push(
             "logging.metrics_file",
             format!(
-                "must be a plain file name inside the run directory (no '/' or '..'), got {name:?}"
+                "must be a plain file name inside the run directory (no '/' or '..'), got {:?}",
+                super::report::capped(name)
             ),
         );
     }
