@@ -415,7 +415,7 @@ fn resume_from_a_damaged_checkpoint_fails_and_writes_nothing() {
         tmp.path(),
         &["train", "--resume", s(&run), "--set", "train.max_steps=4"],
     );
-    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(out.code, Some(2), "{}", out.show());
     assert!(out.stderr.contains("checksum"), "{}", out.show());
     assert!(
         out.stderr.contains("rank-00001.safetensors"),
@@ -851,7 +851,7 @@ fn ckpt_inspect_names_a_damaged_or_truncated_file() {
     bad[at] ^= 0x40;
     std::fs::write(&file, &bad).unwrap();
     let out = shardtrain(tmp.path(), &["ckpt", "inspect", s(&run)]);
-    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(out.code, Some(2), "{}", out.show());
     assert!(out.stderr.contains("checksum"), "{}", out.show());
     assert!(
         out.stderr.contains("rank-00001.safetensors"),
@@ -863,7 +863,7 @@ fn ckpt_inspect_names_a_damaged_or_truncated_file() {
     // A truncated file is caught by its size.
     std::fs::write(&file, &good[..good.len() - 1]).unwrap();
     let out = shardtrain(tmp.path(), &["ckpt", "inspect", s(&ckpt)]);
-    assert_eq!(out.code, Some(1), "{}", out.show());
+    assert_eq!(out.code, Some(2), "{}", out.show());
     assert!(
         out.stderr.contains("rank-00001.safetensors"),
         "{}",
@@ -1015,4 +1015,26 @@ fn resume_with_run_dir_spelling_its_own_run_differently_continues_in_place() {
     );
     out.assert_success();
     assert_eq!(metric_steps(&run), (1..=6).collect::<Vec<_>>());
+}
+
+#[test]
+fn unparsable_checkpoint_metadata_is_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    train(
+        tmp.path(),
+        &run,
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "checkpoint.every_steps=2",
+        ],
+    )
+    .assert_success();
+    let ckpt = step_dir(&run, 2);
+    std::fs::write(ckpt.join("meta.json"), "{ not json").unwrap();
+    let out = shardtrain(tmp.path(), &["ckpt", "inspect", s(&ckpt)]);
+    assert_eq!(out.code, Some(2), "{}", out.show());
+    assert!(out.stderr.contains("meta.json"), "{}", out.show());
 }

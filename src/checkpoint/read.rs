@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
@@ -79,30 +79,36 @@ impl Checkpoint {
         let meta_path = dir.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path)
             .with_context(|| format!("reading {}", meta_path.display()))?;
-        let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a shardtrain checkpoint's metadata",
+        let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
+            damaged(format!(
+                "{} is not a shardtrain checkpoint's metadata: {e}",
                 meta_path.display()
-            )
+            ))
         })?;
         if meta.format != FORMAT {
-            bail!(
+            return Err(damaged(format!(
                 "{}: format `{}`, this shardtrain reads `{FORMAT}`",
                 meta_path.display(),
                 meta.format
-            );
+            )));
         }
         for f in &meta.files {
             let path = dir.join(&f.file);
             let len = std::fs::metadata(&path)
-                .with_context(|| format!("rank {}'s file {} is missing", f.rank, path.display()))?
+                .map_err(|e| {
+                    damaged(format!(
+                        "rank {}'s file {} is missing: {e}",
+                        f.rank,
+                        path.display()
+                    ))
+                })?
                 .len();
             if len != f.bytes {
-                bail!(
+                return Err(damaged(format!(
                     "{}: {len} bytes, the checkpoint recorded {} (truncated or replaced)",
                     path.display(),
                     f.bytes
-                );
+                )));
             }
         }
         let ckpt = Checkpoint {
@@ -131,13 +137,13 @@ impl Checkpoint {
                 covered = covered.max(r.end);
             }
             if covered < unit.numel {
-                bail!(
+                return Err(damaged(format!(
                     "{}: unit `{}` has no data from element {covered} of {} (a rank's file is \
                      missing from the metadata)",
                     self.dir.display(),
                     unit.name,
                     unit.numel
-                );
+                )));
             }
         }
         Ok(())
@@ -221,6 +227,12 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint that is damaged or not one of ours is bad input, like a bad config: the user must
+/// choose another (exit 2), as opposed to a run that failed.
+fn damaged(message: String) -> anyhow::Error {
+    UsageError(message).into()
+}
+
 /// Reads ranges of unit state from a checkpoint, loading each rank file at most once.
 pub struct ShardReader<'a> {
     ckpt: &'a Checkpoint,
@@ -236,11 +248,11 @@ impl ShardReader<'_> {
             let bytes =
                 std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             if bytes.len() as u64 != f.bytes || crc32fast::hash(&bytes) != f.crc32 {
-                bail!(
+                return Err(damaged(format!(
                     "{}: checksum mismatch (the file is corrupted or not the one this checkpoint \
                      wrote)",
                     path.display()
-                );
+                )));
             }
             self.files.insert(i, bytes);
         }
@@ -274,27 +286,27 @@ impl ShardReader<'_> {
             let name = self.ckpt.meta.files[i].file.clone();
             let bytes = self.file(i)?;
             let st = SafeTensors::deserialize(bytes).map_err(|e| {
-                anyhow!(
+                damaged(format!(
                     "{}: not a valid safetensors file: {e}",
                     dir.join(&name).display()
-                )
+                ))
             })?;
             let (lo, hi) = (piece.start.max(range.start), piece.end.min(range.end));
             for (k, tensor) in tensor_names(unit).iter().enumerate() {
                 let view = st.tensor(tensor).map_err(|_| {
-                    anyhow!(
+                    damaged(format!(
                         "{}: tensor `{tensor}` is missing",
                         dir.join(&name).display()
-                    )
+                    ))
                 })?;
                 if view.dtype() != Dtype::F32 || view.shape() != [piece.len()] {
-                    bail!(
+                    return Err(damaged(format!(
                         "{}: tensor `{tensor}` is {:?} {:?}, the metadata says F32 [{}]",
                         dir.join(&name).display(),
                         view.dtype(),
                         view.shape(),
                         piece.len()
-                    );
+                    )));
                 }
                 let data = view.data();
                 for (j, o) in out[k][lo - range.start..hi - range.start]

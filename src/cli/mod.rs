@@ -237,8 +237,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.downcast_ref::<ConfigError>().is_some()
-                || err.downcast_ref::<UsageError>().is_some()
+            // Anywhere in the chain: bad input found deep inside a step (a damaged checkpoint
+            // file met while resuming) is still the user's to fix.
+            if err
+                .chain()
+                .any(|e| e.is::<ConfigError>() || e.is::<UsageError>())
             {
                 ExitCode::from(2)
             } else if err.chain().any(|e| e.is::<crate::comm::PeerFailed>()) {
