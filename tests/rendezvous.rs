@@ -9,6 +9,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use shardtrain::comm::auth::Key;
 use shardtrain::comm::rendezvous::{rendezvous, Membership, RendezvousConfig};
 
 /// A port nobody listens on now (bound to 0, then released).
@@ -28,6 +29,15 @@ fn config(port: u16, rank: usize, world_size: usize, timeout: Duration) -> Rende
         world_size,
         run_id: "run-a".into(),
         timeout,
+        key: None,
+    }
+}
+
+/// The same with job token `key`.
+fn keyed(port: u16, rank: usize, world_size: usize, key: &str) -> RendezvousConfig {
+    RendezvousConfig {
+        key: Some(Key::new(key.as_bytes().to_vec())),
+        ..config(port, rank, world_size, LONG)
     }
 }
 
@@ -320,6 +330,8 @@ fn stray_connections_are_answered_and_ignored() {
         let answer = read_answer(&mut raw);
         assert!(answer.contains("not a shardtrain rendezvous"), "{answer}");
         assert!(answer.contains(why), "{answer}");
+        // Nothing about the job to a stranger.
+        assert!(!answer.contains("run-a"), "{answer}");
     }
     // One that connects and closes at once.
     drop(raw_connect(port));
@@ -346,6 +358,101 @@ fn ignored_connections_are_reported_if_the_job_times_out() {
     );
     assert!(e.contains("not a shardtrain rendezvous (not JSON"), "{e}");
     assert!(t < Duration::from_secs(2), "{t:?}");
+}
+
+#[test]
+fn ranks_with_one_token_join() {
+    let port = free_port();
+    let handles: Vec<_> = (0..3).map(|r| start(keyed(port, r, 3, "k1"))).collect();
+    let outcomes = handles.into_iter().map(finish).collect();
+    check_success(outcomes, 3, Duration::from_secs(3));
+}
+
+/// A rank with another token is refused at the handshake and fails at once, naming the cause;
+/// rank 0 goes on waiting, and the genuine rank then joins.
+#[test]
+fn a_rank_with_another_token_is_refused_and_the_genuine_one_joins() {
+    let port = free_port();
+    let r0 = start(keyed(port, 0, 2, "right"));
+    let (e, t) = error_of(start(keyed(port, 1, 2, "wrong")));
+    assert!(e.contains("refused this rank's job token"), "{e}");
+    assert!(t < Duration::from_secs(2), "{t:?}");
+    let r1 = start(keyed(port, 1, 2, "right"));
+    check_success(vec![finish(r0), finish(r1)], 2, Duration::from_secs(4));
+}
+
+/// One side with a token, the other without: both ways, the joining rank fails with a message
+/// pointing at the token, and rank 0 (refusing it) goes on waiting until its own timeout.
+#[test]
+fn a_token_on_one_side_only_is_named() {
+    let short = Duration::from_secs(2);
+    let port = free_port();
+    let r0 = start(RendezvousConfig {
+        timeout: short,
+        ..keyed(port, 0, 2, "k")
+    });
+    let (e, _) = error_of(start(config(port, 1, 2, short)));
+    assert!(e.contains("require a job token this rank lacks"), "{e}");
+    let (e, _) = error_of(r0);
+    assert!(e.contains("rank 1 did not join within 2s"), "{e}");
+    assert!(
+        e.contains("refused: it did not open the job-token handshake"),
+        "{e}"
+    );
+
+    let port = free_port();
+    let r0 = start(config(port, 0, 2, short));
+    let (e, _) = error_of(start(keyed(port, 1, 2, "k")));
+    assert!(e.contains("did not answer the job-token handshake"), "{e}");
+    assert!(e.contains("started without a job token"), "{e}");
+    let (e, _) = error_of(r0);
+    assert!(
+        e.contains("it opens the job-token handshake: that end has a job token"),
+        "{e}"
+    );
+}
+
+/// An impostor that skips the handshake, or fakes it, gets nothing but the challenge.
+#[test]
+fn an_impostor_learns_nothing_from_a_rank_0_with_a_token() {
+    let port = free_port();
+    let r0 = start(RendezvousConfig {
+        timeout: Duration::from_secs(2),
+        ..keyed(port, 0, 2, "k")
+    });
+    // Everything until the end (a reset counts: rank 0 closes with the impostor's bytes unread).
+    let read_all = |raw: &mut TcpStream| {
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match raw.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    // An old-style hello: closed unanswered.
+    let mut raw = raw_connect(port);
+    raw.write_all(&frame(
+        r#"{"magic":"shardtrain-rdzv-1","type":"hello","run_id":"run-a","world_size":2,
+            "rank":1,"data_addr":"x:1","remaining_ms":10000}"#,
+    ))
+    .unwrap();
+    assert_eq!(read_all(&mut raw), b"");
+    // A faked handshake: the challenge (magic and a nonce), then the door closes.
+    let mut raw = raw_connect(port);
+    raw.write_all(b"st-auth1").unwrap();
+    raw.write_all(&[7u8; 32]).unwrap();
+    raw.write_all(&[0u8; 32]).unwrap();
+    let got = read_all(&mut raw);
+    assert_eq!(got.len(), 40, "{got:?}");
+    assert_eq!(&got[..8], b"st-auth1");
+    let (e, _) = error_of(r0);
+    assert!(e.contains("ignored 2 connection(s)"), "{e}");
+    assert!(e.contains("refused: its proof does not verify"), "{e}");
 }
 
 /// A rank that said hello and then died is missing again, and may join anew (no "joined twice").

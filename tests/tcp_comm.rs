@@ -29,7 +29,7 @@ fn mesh(n: usize, timeout: Duration) -> Vec<Arc<TcpWorld>> {
             .enumerate()
             .map(|(r, l)| {
                 let addrs = &addrs;
-                s.spawn(move || Arc::new(TcpWorld::connect(r, addrs, l, timeout).unwrap()))
+                s.spawn(move || Arc::new(TcpWorld::connect(r, addrs, l, timeout, None).unwrap()))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

@@ -239,7 +239,8 @@ pub(super) fn bench_comm(args: BenchCommArgs) -> Result<()> {
             (Device::Cuda(_), 0) => new_unique_id()?,
             _ => Vec::new(),
         };
-        let joined = crate::launch::join(&env, &payload, timeout)?;
+        let key = crate::launch::token::for_rank(None, env.rank)?;
+        let joined = crate::launch::join(&env, key.as_ref(), &payload, timeout)?;
         let (points, transport) = match &device {
             Device::Cuda(gpu) => {
                 let be = CudaBackend::new(gpu)?;

@@ -201,6 +201,11 @@ pub(crate) struct TrainArgs {
     /// Rank 0's rendezvous port (wins over MASTER_PORT).
     #[arg(long, value_name = "PORT")]
     master_port: Option<u16>,
+    /// The job token for a multi-process job, from a file only its owner may read (wins over
+    /// SHARDTRAIN_JOB_TOKEN): every rank of the job must have the same one. The file holds hex,
+    /// e.g. from `openssl rand -hex 32`; on a shared filesystem, one file serves every node.
+    #[arg(long, value_name = "FILE")]
+    job_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

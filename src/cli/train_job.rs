@@ -77,7 +77,7 @@ pub(super) fn train_command(args: TrainArgs) -> Result<()> {
             let s = train::train_on(&device, &job.cfg, &dir, &job.start, &faults_of(&job))?;
             report(&s, &dir)
         }
-        Some(env) => train_as_process(&job, &env),
+        Some(env) => train_as_process(&job, &env, args.job_token_file.as_deref()),
     }
 }
 
@@ -102,7 +102,9 @@ struct JobPayload {
 /// This process is one rank of a multi-process job: rank 0 makes the run directory (and, on GPUs,
 /// draws an NCCL id per communicator) and hands them to the others at the rendezvous; every rank
 /// then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
-fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
+fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Result<()> {
+    // First: a bad token file is bad input found before anything is written.
+    let key = crate::launch::token::for_rank(token_file, env.rank)?;
     let device = train::device::resolve_on(job.cfg.device, crate::launch::device_ordinal(env))?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
     let plan = ShardPlan::new(&job.cfg.parallel);
@@ -119,7 +121,7 @@ fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
     } else {
         Vec::new()
     };
-    let joined = crate::launch::join(env, &payload, timeout)?;
+    let joined = crate::launch::join(env, key.as_ref(), &payload, timeout)?;
     let payload: JobPayload = serde_json::from_slice(&joined.payload)
         .context("reading what rank 0 handed out at the rendezvous")?;
     let dir = payload.run_dir;

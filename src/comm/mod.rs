@@ -2,6 +2,8 @@
 //! its transports (`local`: ranks are threads of one process sharing one address space). Data moves
 //! only through the Backend's own ops, so a transport serves any backend whose buffers it can reach.
 
+pub mod auth;
+pub mod deadline;
 pub mod local;
 pub mod nccl;
 pub mod nccl_init;

@@ -20,11 +20,17 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
 
+use super::auth::{self, Key};
+use super::deadline::Timed;
 use super::{all_gather_problem, reduce_scatter_problem, Communicator, PeerFailed, ReduceOp};
 use crate::backend::{Backend, Buffer, DType};
 
-/// Largest message accepted (a guard against garbage on the socket).
-const MAX_MESSAGE: u64 = 1 << 36;
+/// Longest collective signature in a message header (a guard against garbage on the socket).
+const MAX_SIGNATURE: u64 = 4096;
+/// What the job-token handshake of the mesh is bound to (see [`crate::comm::auth`]).
+const AUTH_CONTEXT: &[u8] = b"mesh";
+/// Longest a listening rank waits for an accepted connection's handshake and hello.
+const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// One connection to a peer: separate handles for reading and writing, so a rank can send to all
 /// its peers (from helper threads) while it reads.
@@ -47,12 +53,15 @@ const HELLO: &[u8; 8] = b"st-mesh1";
 impl TcpWorld {
     /// Connects this rank to every other: it dials the ranks below it (at `addrs[j]`, retrying
     /// until `timeout`) and accepts the ranks above it on `listener` (the socket behind
-    /// `addrs[rank]`).
+    /// `addrs[rank]`). With a job token, each connection passes the job-token handshake (the
+    /// dialer dials, the listener accepts) before a rank says who it is; a connection that fails
+    /// it is logged and dropped, and the rank keeps waiting for the genuine one.
     pub fn connect(
         rank: usize,
         addrs: &[String],
         listener: TcpListener,
         timeout: Duration,
+        key: Option<&Key>,
     ) -> Result<TcpWorld> {
         let size = addrs.len();
         let deadline = Instant::now() + timeout;
@@ -70,6 +79,16 @@ impl TcpWorld {
                     ),
                 }
             };
+            if let Some(key) = key {
+                // Rank j may still be dialing ranks below it: wait for it up to the deadline.
+                let mut timed = Timed {
+                    stream: &stream,
+                    deadline,
+                };
+                auth::dial(&mut timed, key, AUTH_CONTEXT).map_err(|e| {
+                    anyhow!("rank {rank}: the data connection to rank {j} at {addr}: {e}")
+                })?;
+            }
             stream.write_all(HELLO)?;
             stream.write_all(&(rank as u64).to_le_bytes())?;
             links[j] = Some(link(stream, timeout)?);
@@ -78,11 +97,24 @@ impl TcpWorld {
         let mut pending = size - rank - 1;
         while pending > 0 {
             match listener.accept() {
-                Ok((mut stream, from)) => {
+                Ok((stream, from)) => {
                     stream.set_nonblocking(false)?;
-                    stream.set_read_timeout(Some(timeout))?;
+                    // The dialer is already waiting: a stray that stalls costs HANDSHAKE at most.
+                    let mut timed = Timed {
+                        stream: &stream,
+                        deadline: deadline.min(Instant::now() + HANDSHAKE),
+                    };
+                    if let Some(key) = key {
+                        if let Err(e) = auth::accept(&mut timed, key, AUTH_CONTEXT) {
+                            tracing::warn!(
+                                "rank {rank}: refused a data connection from {from}: {e} (not a \
+                                 rank of this job)"
+                            );
+                            continue;
+                        }
+                    }
                     let mut hello = [0u8; 16];
-                    if stream.read_exact(&mut hello).is_err() || &hello[..8] != HELLO {
+                    if timed.read_exact(&mut hello).is_err() || &hello[..8] != HELLO {
                         tracing::warn!("rank {rank}: ignoring a stray connection from {from}");
                         continue;
                     }
@@ -187,34 +219,44 @@ fn write_message(stream: &mut TcpStream, h: &Header, body: &[u8]) -> std::io::Re
     stream.flush()
 }
 
-fn read_u64(stream: &mut TcpStream) -> std::io::Result<u64> {
+fn read_u64(stream: &mut impl Read) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
     stream.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))
 }
 
-fn read_message(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
+/// Reads a message's header, leaving its body on the stream: the caller checks the header (and
+/// above all the length) against the collective it runs before reading or allocating the body.
+fn read_header(stream: &mut impl Read) -> std::io::Result<Header> {
     let tag = read_u64(stream)?;
     let seq = read_u64(stream)?;
     let sig_len = read_u64(stream)?;
-    if sig_len > 4096 {
-        return Err(std::io::Error::other("a message header is corrupt"));
+    if sig_len > MAX_SIGNATURE {
+        return Err(std::io::Error::other(format!(
+            "a message header is corrupt (a signature of {sig_len} bytes)"
+        )));
     }
     let mut sig = vec![0u8; sig_len as usize];
     stream.read_exact(&mut sig)?;
     let len = read_u64(stream)?;
-    if len > MAX_MESSAGE {
-        return Err(std::io::Error::other("a message is larger than any buffer"));
-    }
-    let mut body = vec![0u8; len as usize];
-    stream.read_exact(&mut body)?;
-    let header = Header {
+    Ok(Header {
         tag,
         seq,
         signature: String::from_utf8_lossy(&sig).into_owned(),
         len,
-    };
-    Ok((header, body))
+    })
+}
+
+/// Reads the body of a message whose header announced `len` bytes (already checked).
+fn read_body(stream: &mut impl Read, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// Bytes on the wire of `n` values (every dtype travels as f32: see [`to_bytes`]).
+fn wire_len(n: usize) -> u64 {
+    n as u64 * 4
 }
 
 fn to_bytes(values: &[f32]) -> Vec<u8> {
@@ -271,6 +313,7 @@ impl TcpComm {
         signature: &str,
         outgoing: Vec<Option<Vec<u8>>>,
         expect_from: &[usize],
+        expect_len: u64,
     ) -> Result<Vec<Option<Vec<u8>>>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let label = self.label(op, seq);
@@ -321,7 +364,7 @@ impl TcpComm {
                     }
                     .into()
                 };
-                let (h, body) = read_message(&mut r).map_err(|e| match e.kind() {
+                let read_failed = |e: std::io::Error| match e.kind() {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                         blame(format!(
                         "{label}: rank {peer} sent nothing within {timeout:?} (it is stuck, or \
@@ -334,7 +377,8 @@ impl TcpComm {
                         "{label}: rank {peer} closed its connection (it failed or exited)"
                     )),
                     _ => anyhow!("{label}: reading from rank {peer}: {e}"),
-                })?;
+                };
+                let h = read_header(&mut *r).map_err(&read_failed)?;
                 if h.tag != self.tag || h.seq != seq || h.signature != signature {
                     bail!(
                         "{label}: the ranks called different collectives or gave buffers of \
@@ -345,7 +389,15 @@ impl TcpComm {
                         world.rank
                     );
                 }
-                let _ = h.len;
+                if h.len != expect_len {
+                    bail!(
+                        "{label}: rank {peer} announced a message of {} bytes where this \
+                         collective expects {expect_len}: refused unread (a corrupt stream, or \
+                         not a shardtrain rank)",
+                        h.len
+                    );
+                }
+                let body = read_body(&mut *r, h.len).map_err(&read_failed)?;
                 got[i] = Some(body);
             }
             for t in senders {
@@ -385,7 +437,13 @@ impl Communicator for TcpComm {
         let mine = be.download(shard)?;
         let bytes = to_bytes(&mine);
         let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
-        let got = self.exchange("all_gather", &signature, outgoing, &self.everyone())?;
+        let got = self.exchange(
+            "all_gather",
+            &signature,
+            outgoing,
+            &self.everyone(),
+            wire_len(n),
+        )?;
         let mut full = Vec::with_capacity(n * world);
         for (i, g) in got.into_iter().enumerate() {
             match g {
@@ -418,7 +476,13 @@ impl Communicator for TcpComm {
         let outgoing = (0..world)
             .map(|i| Some(to_bytes(&values[i * n..(i + 1) * n])))
             .collect();
-        let got = self.exchange("reduce_scatter", &signature, outgoing, &self.everyone())?;
+        let got = self.exchange(
+            "reduce_scatter",
+            &signature,
+            outgoing,
+            &self.everyone(),
+            wire_len(n),
+        )?;
         let pieces: Vec<Vec<f32>> = got
             .into_iter()
             .map(|g| match g {
@@ -435,7 +499,13 @@ impl Communicator for TcpComm {
         let mine = be.download(buf)?;
         let bytes = to_bytes(&mine);
         let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
-        let got = self.exchange("all_reduce", &signature, outgoing, &self.everyone())?;
+        let got = self.exchange(
+            "all_reduce",
+            &signature,
+            outgoing,
+            &self.everyone(),
+            wire_len(buf.len()),
+        )?;
         let pieces: Vec<Vec<f32>> = got
             .into_iter()
             .map(|g| g.map_or_else(|| mine.clone(), |b| from_bytes(&b)))
@@ -452,11 +522,17 @@ impl Communicator for TcpComm {
         if self.me == root {
             let bytes = to_bytes(&be.download(buf)?);
             let outgoing = (0..world).map(|_| Some(bytes.clone())).collect();
-            self.exchange("broadcast", &signature, outgoing, &[])?;
+            self.exchange("broadcast", &signature, outgoing, &[], wire_len(buf.len()))?;
             Ok(())
         } else {
             let outgoing = (0..world).map(|_| None).collect();
-            let got = self.exchange("broadcast", &signature, outgoing, &[root])?;
+            let got = self.exchange(
+                "broadcast",
+                &signature,
+                outgoing,
+                &[root],
+                wire_len(buf.len()),
+            )?;
             let bytes = got[root]
                 .as_ref()
                 .ok_or_else(|| anyhow!("broadcast: nothing from the root"))?;
@@ -467,7 +543,66 @@ impl Communicator for TcpComm {
     fn barrier(&self) -> Result<()> {
         let world = self.ranks.len();
         let outgoing = (0..world).map(|_| Some(Vec::new())).collect();
-        self.exchange("barrier", "barrier()", outgoing, &self.everyone())?;
+        self.exchange("barrier", "barrier()", outgoing, &self.everyone(), 0)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// Rank 0's world of two, whose rank 1 is a raw socket written by the test.
+    fn world_with_raw_peer(timeout: Duration) -> (Arc<TcpWorld>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = vec![
+            listener.local_addr().unwrap().to_string(),
+            "127.0.0.1:1".to_string(),
+        ];
+        let mut raw = TcpStream::connect(&addrs[0]).unwrap();
+        raw.write_all(HELLO).unwrap();
+        raw.write_all(&1u64.to_le_bytes()).unwrap();
+        let world = TcpWorld::connect(0, &addrs, listener, timeout, None).unwrap();
+        (Arc::new(world), raw)
+    }
+
+    #[test]
+    fn a_length_other_than_the_collectives_is_refused_unread() {
+        let (world, mut raw) = world_with_raw_peer(Duration::from_secs(5));
+        let comm = world.group(&[0, 1]).unwrap();
+        let be = CpuBackend::<f32>::new();
+        let buf = be.alloc(4, DType::F32).unwrap();
+        let signature = format!("all_reduce(buf: {}, {})", desc(&buf), ReduceOp::Sum);
+        // A header that matches the collective in all but its length: 32 GiB, and no body. The
+        // peer keeps the connection open, so only the length check can end the read at once.
+        let header = Header {
+            tag: comm.tag,
+            seq: 0,
+            signature,
+            len: 32 << 30,
+        };
+        write_message(&mut raw, &header, &[]).unwrap();
+        let t = Instant::now();
+        let e = comm.all_reduce(&be, &buf, ReduceOp::Sum).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(
+                "rank 1 announced a message of 34359738368 bytes where this collective \
+                        expects 16"
+            ),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_corrupt_signature_length_is_refused_unread() {
+        let mut bytes = Vec::new();
+        for v in [1u64, 0, 1 << 40] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        let e = read_header(&mut &bytes[..]).err().expect("refused");
+        assert!(e.to_string().contains("corrupt"), "{e}");
     }
 }

@@ -1,8 +1,10 @@
-//! Multi-process jobs: where a process learns its rank (`env`), how the ranks of a job find each
-//! other ([`join`]: the rendezvous, then the TCP mesh), and `shardtrain launch` (`supervise`).
+//! Multi-process jobs: where a process learns its rank (`env`), the secret the ranks of a job
+//! share (`token`), how the ranks find each other ([`join`]: the rendezvous, then the TCP mesh,
+//! both authenticated with the token), and `shardtrain launch` (`supervise`).
 
 pub mod env;
 pub mod supervise;
+pub mod token;
 
 use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::comm::auth::Key;
 use crate::comm::rendezvous::{rendezvous, RendezvousConfig};
 use crate::comm::tcp::TcpWorld;
 use env::RankEnv;
@@ -41,8 +44,9 @@ fn local_ip_towards(master: &str, port: u16) -> Result<std::net::IpAddr> {
 }
 
 /// Joins the job `env` describes: opens this rank's data port, meets the others at the
-/// rendezvous (rank 0 hands out `payload`), and connects the mesh. Every step has `timeout`.
-pub fn join(env: &RankEnv, payload: &[u8], timeout: Duration) -> Result<Joined> {
+/// rendezvous (rank 0 hands out `payload`), and connects the mesh. Every step has `timeout`; with
+/// a job token (`key`, see [`token::for_rank`]) every connection is authenticated first.
+pub fn join(env: &RankEnv, key: Option<&Key>, payload: &[u8], timeout: Duration) -> Result<Joined> {
     let ip = local_ip_towards(&env.master_addr, env.master_port)?;
     let listener = TcpListener::bind((ip, 0))
         .with_context(|| format!("rank {}: opening a data port on {ip}", env.rank))?;
@@ -54,9 +58,10 @@ pub fn join(env: &RankEnv, payload: &[u8], timeout: Duration) -> Result<Joined> 
         world_size: env.world_size,
         run_id: env.run_id.clone(),
         timeout,
+        key: key.cloned(),
     };
     let members = rendezvous(&cfg, &data_addr, payload)?;
-    let world = TcpWorld::connect(env.rank, &members.addrs, listener, timeout)?;
+    let world = TcpWorld::connect(env.rank, &members.addrs, listener, timeout, key)?;
     Ok(Joined {
         world: Arc::new(world),
         payload: members.payload,

@@ -278,6 +278,11 @@ fn run_attempt(
     let exe = std::env::current_exe().context("finding the shardtrain executable")?;
     let nproc = slots.len();
     let world = nproc * opts.nnodes;
+    // A fresh job token per attempt for the ranks to authenticate each other, unless they have
+    // one already (see `super::token`).
+    let token_file = flag_value(command, super::token::FILE_FLAG);
+    let token =
+        super::token::for_launched_ranks(token_file.as_deref().map(Path::new), opts.nnodes)?;
     let mut children: Vec<(usize, Child)> = Vec::new();
     for (local, slot) in slots.iter().enumerate() {
         let rank = opts.node_rank * nproc + local;
@@ -295,6 +300,9 @@ fn run_attempt(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(token) = &token {
+            cmd.env(super::token::ENV_VAR, token);
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
