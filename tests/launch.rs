@@ -110,6 +110,9 @@ fn two_processes_equal_two_threads_bit_for_bit() {
         );
         let stdout = text(&out.stdout);
         assert!(stdout.contains("[rank 0] done: 6 steps"), "{stdout}");
+        // The launcher drew a job token for its ranks: they authenticated each other.
+        let stderr = text(&out.stderr);
+        assert!(!stderr.contains("no job token"), "{stderr}");
         let threads = tmp.path().join(format!("threads-{strategy}"));
         let mut args = vec![
             "train",

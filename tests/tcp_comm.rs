@@ -2,14 +2,17 @@
 //! bits (world sizes 1-4, f32 and bf16, sub-groups), and a rank that dies, hangs or calls another
 //! collective makes its peers fail with a message naming it, never hang.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Result;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shardtrain::backend::cpu::CpuBackend;
 use shardtrain::backend::{Backend, DType};
+use shardtrain::comm::auth::Key;
 use shardtrain::comm::local::{run_ranks, LocalWorld};
 use shardtrain::comm::tcp::TcpWorld;
 use shardtrain::comm::{Communicator, ReduceOp};
@@ -199,4 +202,69 @@ fn a_silent_rank_trips_the_timeout_and_a_different_collective_is_named() {
         "{mismatch}"
     );
     assert!(start.elapsed() < Duration::from_secs(8));
+}
+
+/// Two ranks' meshes on loopback with job tokens `keys[r]`: each rank's result.
+fn keyed_mesh(
+    keys: [&str; 2],
+    timeout: Duration,
+    stray: &[u8],
+) -> (Vec<Result<TcpWorld>>, Vec<u8>) {
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    // A stranger at rank 0's data port before rank 1 dials: accepted first.
+    let mut raw = TcpStream::connect(&addrs[0]).unwrap();
+    raw.write_all(stray).unwrap();
+    let worlds = std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, key) = (&addrs, Key::new(keys[r].as_bytes().to_vec()));
+                s.spawn(move || TcpWorld::connect(r, addrs, l, timeout, Some(&key)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n @ 1..) = raw.read(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    (worlds, got)
+}
+
+/// With a job token, a data connection that fails the handshake is dropped having had only the
+/// challenge, and the genuine rank still connects; a rank with another token is refused at once,
+/// even behind a stranger that connected first and says nothing.
+#[test]
+fn data_connections_are_authenticated() {
+    let mut faked = b"st-auth1".to_vec();
+    faked.extend_from_slice(&[9u8; 64]);
+    let (worlds, got) = keyed_mesh(["k", "k"], Duration::from_secs(10), &faked);
+    assert_eq!(got.len(), 40, "the stranger got {got:?}");
+    assert_eq!(&got[..8], b"st-auth1");
+    let worlds: Vec<Arc<TcpWorld>> = worlds.into_iter().map(|w| Arc::new(w.unwrap())).collect();
+    std::thread::scope(|s| {
+        for w in &worlds {
+            s.spawn(move || w.group(&[0, 1]).unwrap().barrier().unwrap());
+        }
+    });
+
+    let t = Instant::now();
+    let (worlds, _) = keyed_mesh(["k", "other"], Duration::from_secs(2), b"");
+    let e0 = format!("{:#}", worlds[0].as_ref().err().expect("rank 0 fails"));
+    let e1 = format!("{:#}", worlds[1].as_ref().err().expect("rank 1 fails"));
+    assert!(e0.contains("ranks [1] did not connect"), "{e0}");
+    assert!(
+        e1.contains("the data connection to rank 0") && e1.contains("another job token"),
+        "{e1}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 }

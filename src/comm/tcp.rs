@@ -12,8 +12,9 @@
 //! waiting on it fails naming it. A failing rank exits, which closes its sockets: no rank hangs.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,8 +30,8 @@ use crate::backend::{Backend, Buffer, DType};
 const MAX_SIGNATURE: u64 = 4096;
 /// What the job-token handshake of the mesh is bound to (see [`crate::comm::auth`]).
 const AUTH_CONTEXT: &[u8] = b"mesh";
-/// Longest a listening rank waits for an accepted connection's handshake and hello.
-const HANDSHAKE: Duration = Duration::from_secs(10);
+/// How often a listening rank looks for new connections and for the deadline.
+const POLL: Duration = Duration::from_millis(10);
 
 /// One connection to a peer: separate handles for reading and writing, so a rank can send to all
 /// its peers (from helper threads) while it reads.
@@ -93,47 +94,43 @@ impl TcpWorld {
             stream.write_all(&(rank as u64).to_le_bytes())?;
             links[j] = Some(link(stream, timeout)?);
         }
+        // Each accepted connection is authenticated and identified on a thread of its own, so a
+        // stranger that connects and stalls delays nobody.
         listener.set_nonblocking(true)?;
+        let (tx, rx) = mpsc::channel();
         let mut pending = size - rank - 1;
         while pending > 0 {
-            match listener.accept() {
-                Ok((stream, from)) => {
-                    stream.set_nonblocking(false)?;
-                    // The dialer is already waiting: a stray that stalls costs HANDSHAKE at most.
-                    let mut timed = Timed {
-                        stream: &stream,
-                        deadline: deadline.min(Instant::now() + HANDSHAKE),
-                    };
-                    if let Some(key) = key {
-                        if let Err(e) = auth::accept(&mut timed, key, AUTH_CONTEXT) {
-                            tracing::warn!(
-                                "rank {rank}: refused a data connection from {from}: {e} (not a \
-                                 rank of this job)"
-                            );
-                            continue;
-                        }
-                    }
-                    let mut hello = [0u8; 16];
-                    if timed.read_exact(&mut hello).is_err() || &hello[..8] != HELLO {
-                        tracing::warn!("rank {rank}: ignoring a stray connection from {from}");
-                        continue;
-                    }
-                    let j = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
+            if Instant::now() >= deadline {
+                let missing: Vec<usize> =
+                    (rank + 1..size).filter(|&j| links[j].is_none()).collect();
+                bail!("rank {rank}: ranks {missing:?} did not connect within {timeout:?}");
+            }
+            loop {
+                match listener.accept() {
+                    Ok((stream, from)) => greet(stream, from, key, deadline, &tx),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("accepting a mesh connection"),
+                }
+            }
+            match rx.recv_timeout(POLL) {
+                Ok(Greeted {
+                    stream,
+                    from,
+                    rank: Ok(j),
+                }) => {
                     if j <= rank || j >= size || links[j].is_some() {
                         bail!("rank {rank}: a connection from {from} claims to be rank {j}");
                     }
                     links[j] = Some(link(stream, timeout)?);
                     pending -= 1;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> =
-                            (rank + 1..size).filter(|&j| links[j].is_none()).collect();
-                        bail!("rank {rank}: ranks {missing:?} did not connect within {timeout:?}");
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e).context("accepting a mesh connection"),
+                Ok(Greeted {
+                    from,
+                    rank: Err(why),
+                    ..
+                }) => tracing::warn!("rank {rank}: refused a data connection from {from}: {why}"),
+                Err(_) => {}
             }
         }
         Ok(TcpWorld {
@@ -177,6 +174,56 @@ impl TcpWorld {
             .and_then(Option::as_ref)
             .ok_or_else(|| anyhow!("rank {} has no connection to rank {peer}", self.rank))
     }
+}
+
+/// An accepted connection and who it says it is (or why it was refused).
+struct Greeted {
+    stream: TcpStream,
+    from: SocketAddr,
+    rank: Result<usize, String>,
+}
+
+/// Authenticates and identifies an accepted connection on a thread of its own (which ends by
+/// `deadline`), then hands it to `tx`.
+fn greet(
+    stream: TcpStream,
+    from: SocketAddr,
+    key: Option<&Key>,
+    deadline: Instant,
+    tx: &mpsc::Sender<Greeted>,
+) {
+    let (key, tx) = (key.cloned(), tx.clone());
+    let spawned = std::thread::Builder::new()
+        .name("mesh-greet".into())
+        .spawn(move || {
+            let rank = identify(&stream, key.as_ref(), deadline);
+            // The mesh may be complete (or failed) meanwhile: then the connection is dropped.
+            let _ = tx.send(Greeted { stream, from, rank });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("dropped a data connection from {from}: cannot start a thread: {e}");
+    }
+}
+
+/// The rank an accepted connection says it is, after the job-token handshake if there is a key.
+fn identify(stream: &TcpStream, key: Option<&Key>, deadline: Instant) -> Result<usize, String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let mut timed = Timed { stream, deadline };
+    if let Some(key) = key {
+        auth::accept(&mut timed, key, AUTH_CONTEXT)
+            .map_err(|e| format!("{e} (not a rank of this job)"))?;
+    }
+    let mut hello = [0u8; 16];
+    timed
+        .read_exact(&mut hello)
+        .map_err(|e| format!("it sent no mesh hello ({e})"))?;
+    if &hello[..8] != HELLO {
+        return Err(format!(
+            "not a shardtrain mesh connection (its first bytes are `{}`)",
+            hello[..8].escape_ascii()
+        ));
+    }
+    Ok(u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize)
 }
 
 fn link(stream: TcpStream, timeout: Duration) -> Result<Link> {
