@@ -10,6 +10,11 @@
 //! number and its signature; a rank receiving something else fails naming both sides. Every read
 //! and write has the collective timeout; a peer that dies closes its sockets, and every rank
 //! waiting on it fails naming it. A failing rank exits, which closes its sockets: no rank hangs.
+//!
+//! With a job token, every mesh connection passes the job-token handshake ([`super::auth`])
+//! before a rank says who it is; a connection that fails it is dropped and logged. A message whose
+//! header announces a length other than what the collective being run expects is refused before
+//! its body is read or any memory is set aside for it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

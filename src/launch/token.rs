@@ -141,7 +141,7 @@ pub fn parse(text: &str, source: &str) -> Result<Key, UsageError> {
             hex[..at].chars().count() + 1
         )));
     }
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(bad(format!(
             "the token has an odd number of hex digits ({})",
             hex.len()
