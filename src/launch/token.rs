@@ -73,7 +73,16 @@ pub fn for_launched_ranks(
     token_file: Option<&Path>,
     nnodes: usize,
 ) -> Result<Option<String>, UsageError> {
-    if resolve(token_file, &|name| std::env::var(name).ok())?.is_some() {
+    launched(token_file, nnodes, &|name| std::env::var(name).ok())
+}
+
+/// [`for_launched_ranks`] with the launcher's environment `env`.
+fn launched(
+    token_file: Option<&Path>,
+    nnodes: usize,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<String>, UsageError> {
+    if resolve(token_file, env)?.is_some() {
         return Ok(None);
     }
     if nnodes > 1 {
@@ -213,6 +222,27 @@ mod tests {
         let from_env = resolve(None, &env).unwrap().unwrap();
         assert_eq!(from_env, parse(&"ff".repeat(16), "x").unwrap());
         assert!(resolve(None, &no_env).unwrap().is_none());
+    }
+
+    #[test]
+    fn launch_draws_a_token_only_when_none_is_given_and_one_node_can_share_it() {
+        let drawn = launched(None, 1, &no_env).unwrap().expect("a drawn token");
+        parse(&drawn, "drawn").unwrap();
+        // Several nodes: each launcher would draw another, so none is drawn.
+        assert_eq!(launched(None, 2, &no_env).unwrap(), None);
+        // Given in the environment (the ranks inherit it) or as the ranks' file: none drawn,
+        // and a bad one is refused before any rank starts.
+        let env = |name: &str| (name == ENV_VAR).then(|| TOKEN.to_string());
+        assert_eq!(launched(None, 1, &env).unwrap(), None);
+        let bad = |name: &str| (name == ENV_VAR).then(|| "xyz".to_string());
+        assert!(launched(None, 1, &bad).unwrap_err().0.starts_with(ENV_VAR));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, TOKEN).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(launched(Some(&path), 1, &no_env).unwrap(), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert!(launched(Some(&path), 1, &no_env).is_err());
     }
 
     #[test]
