@@ -4,7 +4,9 @@
 //! `config.yaml`, the metrics file, `model.safetensors`, `summary.json`. Ranks are threads
 //! sharing this process, talking through the `local` communicator.
 
+pub mod admission;
 pub mod device;
+mod host_memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod phases;
