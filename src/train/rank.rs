@@ -45,6 +45,8 @@ pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     opt: AdamW<B>,
     /// The first step this run takes (after the checkpoint it resumed from, or 1).
     start_step: u64,
+    /// The step of the checkpoint this run resumed from.
+    resumed_step: Option<u64>,
     train_data: Box<dyn DataSource>,
     /// Opened at start when the run evaluates (so bad files fail early), else on first use.
     val_data: Option<Box<dyn DataSource>>,
@@ -123,6 +125,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             units,
             opt,
             start_step,
+            resumed_step: matches!(start, Start::Resume(_)).then(|| start_step - 1),
             train_data,
             val_data: if cfg.train.eval_every > 0 {
                 Some(data_source(cfg, Split::Val, run_dir)?)
@@ -229,8 +232,9 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
     }
 
     /// Mean loss over `eval_tokens` held-out tokens (the same tokens at every evaluation, split
-    /// across ranks; every rank runs the same number of passes, since gathers are collective).
-    fn evaluate(&mut self) -> Result<f32> {
+    /// across ranks; every rank runs the same number of passes, since gathers are collective), or
+    /// `None` when the ranks agreed to stop part way (see [`Self::stop_agreed`]).
+    fn evaluate(&mut self) -> Result<Option<f32>> {
         let mut val_data = match self.val_data.take() {
             Some(v) => v,
             None => data_source(self.cfg, Split::Val, self.run_dir)?,
@@ -240,13 +244,19 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         result
     }
 
-    fn evaluate_on(&mut self, val_data: &mut dyn DataSource) -> Result<f32> {
+    fn evaluate_on(&mut self, val_data: &mut dyn DataSource) -> Result<Option<f32>> {
         let (micro, seq) = (self.cfg.train.micro_batch_size, self.cfg.model.seq_len);
         let total = self.cfg.train.eval_tokens.div_ceil(micro * seq).max(1);
         let world = self.world_size();
         val_data.rewind();
         let (mut sum, mut count) = (0.0f32, 0.0f32);
-        for round in 0..total.div_ceil(world) {
+        let rounds = total.div_ceil(world);
+        for round in 0..rounds {
+            // Between rounds (every rank runs the same rounds, so every rank asks alike).
+            if round > 0 && self.stop_agreed()? {
+                self.units.release_all(&self.be)?;
+                return Ok(None);
+            }
             let mut mine = None;
             for r in 0..world {
                 let batch = val_data.next_batch(micro, seq)?;
@@ -264,7 +274,26 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         }
         self.units.release_all(&self.be)?;
         let totals = self.sum_over_ranks(&[sum, count])?;
-        Ok(totals[0] / totals[1])
+        Ok(Some(totals[0] / totals[1]))
+    }
+
+    /// Whether the checkpoint of `step` is the one this run resumed from, still where this run
+    /// writes its checkpoints: a stop before the first step of the run needs no new one.
+    fn resumed_in_place(&self, step: u64) -> bool {
+        self.resumed_step == Some(step)
+            && checkpoint_root(self.cfg, self.run_dir)
+                .join(crate::checkpoint::meta::step_dir_name(step))
+                .exists()
+    }
+
+    /// Whether any rank has been asked to stop: an all-reduce of each rank's flag, so that every
+    /// rank gets the same answer at the same point (one stopping while another went on into a
+    /// collective would hang it). Asked between micro-batches and between evaluation rounds, each
+    /// already several collectives long, so one more reduction of one value costs little.
+    fn stop_agreed(&mut self) -> Result<bool> {
+        let mine = f32::from(u8::from(stop_requested()));
+        let totals = self.timed_comm(|me| me.sum_over_ranks(&[mine]))?;
+        Ok(totals[0] > 0.0)
     }
 
     /// Writes the checkpoint of `step` with every rank (see `checkpoint::write` for the protocol);
@@ -361,7 +390,8 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
 
     /// The validation loss of the current weights (`shardtrain eval`).
     pub(super) fn evaluate_only(mut self) -> Result<f32> {
-        self.evaluate()
+        self.evaluate()?
+            .ok_or_else(|| anyhow!("the evaluation was stopped before it finished"))
     }
 
     fn memory_use(&self) -> MemoryUse {
@@ -449,6 +479,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         let mut losses = Vec::with_capacity(t.max_steps as usize);
         let mut last_val = None;
         let mut last_checkpoint = None;
+        let mut last_checkpoint_step = None;
         let mut stopped_at = None;
         let first_step = self.start_step;
         if lead && first_step > 1 {
@@ -474,12 +505,46 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                 self.be.set_op_timing(true);
             }
             let step_start = Instant::now();
+            // Where the step's data begins: an abandoned step rewinds here, so that its
+            // checkpoint (of the step before) resumes by replaying it.
+            let step_data = self.train_data.position();
             self.units.zero_grads(&self.be)?;
             let mut local_loss = 0.0f32;
+            let mut abandoned_after = None;
             for k in 0..accum {
                 let global = self.train_data.next_batch(micro * world, seq)?;
                 let batch = self.my_rows(&global);
                 local_loss += self.forward_backward(&batch, Some(grad_scale), k + 1 == accum)?;
+                // The last micro-batch's stop rides on the loss reduction below.
+                if k + 1 < accum && self.stop_agreed()? {
+                    abandoned_after = Some(k + 1);
+                    break;
+                }
+            }
+            if let Some(done) = abandoned_after {
+                // No update: the gradients so far are dropped and the data rewound.
+                self.units.release_all(&self.be)?;
+                self.train_data.seek(&step_data)?;
+                let last = step - 1;
+                if let Some(p) = &progress {
+                    p.message(&format!(
+                        "stop: step {step} abandoned after {done} of {accum} micro-batches (no \
+                         update; a resume replays it)"
+                    ));
+                }
+                if last_checkpoint_step != Some(last) && !self.resumed_in_place(last) {
+                    last_checkpoint = Some(self.save_checkpoint(last, faults)?);
+                } else if last_checkpoint.is_none() {
+                    last_checkpoint = Some(
+                        checkpoint_root(cfg, self.run_dir)
+                            .join(crate::checkpoint::meta::step_dir_name(last)),
+                    );
+                }
+                if let Some((p, dir)) = progress.as_ref().zip(last_checkpoint.as_ref()) {
+                    p.message(&format!("checkpoint of step {last}: {}", dir.display()));
+                }
+                stopped_at = Some(last);
+                break;
             }
             // A stop request (a signal, seen by any rank) rides on the loss reduction, so every
             // rank agrees on the step after which the job stops.
@@ -517,11 +582,16 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
 
             let eval_due =
                 t.eval_every > 0 && (step.is_multiple_of(t.eval_every) || step == t.max_steps);
-            let val_loss = if eval_due {
-                Some(self.evaluate()?)
-            } else {
-                None
-            };
+            let val_loss = if eval_due { self.evaluate()? } else { None };
+            // An evaluation the ranks agreed to stop part way ends the run after this step.
+            let stop = stop || (eval_due && val_loss.is_none());
+            if eval_due && val_loss.is_none() {
+                if let Some(p) = &progress {
+                    p.message(&format!(
+                        "stop: the evaluation after step {step} abandoned (no val_loss)"
+                    ));
+                }
+            }
             last_val = val_loss.or(last_val);
             losses.push(loss);
             let record = StepRecord {
@@ -547,6 +617,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                     p.message(&format!("checkpoint of step {step}: {}", dir.display()));
                 }
                 last_checkpoint = Some(dir);
+                last_checkpoint_step = Some(step);
             }
             if stop {
                 stopped_at = Some(step);
