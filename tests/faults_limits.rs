@@ -2,7 +2,7 @@
 //! anything is written (train, `--resume`, `bench`), `--dry-run` never prints a wrapped total,
 //! unreasonable steps and evaluations are bounded, and a stop signal acts between micro-batches
 //! and between evaluation rounds (the partial step abandoned, its resume bit-identical to a run
-//! never stopped).
+//! never stopped); a run of 10^12 steps starts and stops.
 //!
 //! Every test works in its own temporary directory, the child's working directory too, and every
 //! wait has a deadline.
@@ -499,4 +499,28 @@ fn a_signal_during_evaluation_abandons_it() {
     assert!(records[0]["val_loss"].is_f64(), "{records:?}");
     assert!(records[1]["val_loss"].is_null(), "{records:?}");
     assert!(run.join("checkpoints/step-00000002/meta.json").is_file());
+}
+
+/// A run of 10^12 steps (one meant to be stopped) starts training instead of failing to reserve
+/// room for every step's figures, and stops on a signal.
+#[test]
+fn a_trillion_step_run_trains_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--run-dir", s(&run)];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&[
+        "--set",
+        "train.global_batch_size=16",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.max_steps=1000000000000",
+    ]);
+    let mut running = Running::start(tmp.path(), &args);
+    running.wait_for_metrics(&run, 1);
+    running.interrupt();
+    let out = running.wait(STOP_LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert!(out.stdout.contains("stopped after step"), "{}", out.show());
 }

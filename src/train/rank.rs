@@ -472,11 +472,14 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         }
 
         let mut train_seconds = 0.0f64;
-        let mut step_times = Vec::with_capacity(t.max_steps as usize);
+        // Room for the steps up front, but no more than a long run's: max_steps may be huge
+        // (a run meant to be stopped), and the vectors grow when needed.
+        let expected_steps = t.max_steps.min(1 << 16) as usize;
+        let mut step_times = Vec::with_capacity(expected_steps);
         let mut step_phases = Vec::new();
         let profile_from = t.max_steps.saturating_sub(cfg.logging.profile_ops_steps) + 1;
         let started = Instant::now();
-        let mut losses = Vec::with_capacity(t.max_steps as usize);
+        let mut losses = Vec::with_capacity(expected_steps);
         let mut last_val = None;
         let mut last_checkpoint = None;
         let mut last_checkpoint_step = None;
