@@ -126,17 +126,27 @@ impl Running {
     /// Waits until `run`'s metrics file has `lines` lines (the run is training, its stop signals
     /// installed).
     fn wait_for_metrics(&mut self, run: &Path, lines: usize) {
-        let deadline = Instant::now() + RUN_LIMIT;
         let count = || {
             std::fs::read_to_string(run.join("metrics.jsonl"))
                 .map_or(0, |t| t.matches('\n').count())
         };
-        while count() < lines {
+        self.wait_until(&format!("{lines} metrics lines"), || count() >= lines);
+    }
+
+    /// Waits until the child has printed `needle` on stdout.
+    fn wait_for_stdout(&mut self, needle: &str) {
+        let stdout = self.stdout.try_clone().unwrap();
+        self.wait_until(needle, || contents(&stdout).contains(needle));
+    }
+
+    fn wait_until(&mut self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + RUN_LIMIT;
+        while !done() {
             let exited = self.child.try_wait().expect("polling the child");
             if exited.is_some() || Instant::now() > deadline {
                 let _ = self.child.kill();
                 panic!(
-                    "no {lines} metrics lines:\n{}",
+                    "no {what}:\n{}",
                     self.out(exited.and_then(|s| s.code())).show()
                 );
             }
@@ -450,6 +460,20 @@ fn a_signal_mid_step_abandons_it_and_the_resume_is_bit_identical() {
     );
     eprintln!("stopped {took:?} after the signal");
     assert_eq!(losses(&stopped).len(), 1, "no record of the abandoned step");
+
+    // Stopped again in the resumed run's first step: the checkpoint it resumed from is the one
+    // the stop leaves (not written twice).
+    let mut running = Running::start(tmp.path(), &["train", "--resume", s(&stopped)]);
+    running.wait_for_stdout("training ");
+    running.interrupt();
+    let out = running.wait(STOP_LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.show());
+    assert!(
+        out.stdout.contains("stop: step 2 abandoned after")
+            && out.stdout.contains("stopped after step 1"),
+        "{}",
+        out.show()
+    );
 
     let resumed = shardtrain(tmp.path(), &["train", "--resume", s(&stopped)], RUN_LIMIT);
     assert_eq!(resumed.code, Some(0), "{}", resumed.show());
