@@ -1,5 +1,6 @@
 //! Limits, on the command line: absurd sizes are refused with exit 2 naming their key before
-//! anything is written (train, `--resume`, `bench`), `--dry-run` never prints a wrapped total,
+//! anything is written (train, `--resume`, `bench`, the simulated GPU's memory), `--dry-run`
+//! never prints a wrapped total,
 //! unreasonable steps and evaluations are bounded, and a stop signal acts between micro-batches
 //! and between evaluation rounds (the partial step abandoned, its resume bit-identical to a run
 //! never stopped); a run of 10^12 steps starts and stops.
@@ -547,4 +548,35 @@ fn a_trillion_step_run_trains_and_stops() {
     let out = running.wait(STOP_LIMIT);
     assert_eq!(out.code, Some(0), "{}", out.show());
     assert!(out.stdout.contains("stopped after step"), "{}", out.show());
+}
+
+/// On the simulated GPU the memory that counts is its device memory (16 GiB): a 190 GiB job is
+/// refused naming it, with nothing written.
+#[test]
+fn the_simulated_gpus_memory_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = shardtrain(
+        tmp.path(),
+        &[
+            "train",
+            "--run-dir",
+            "run",
+            "--set",
+            "device=sim",
+            "--set",
+            "model.d_model=16384",
+            "--set",
+            "model.n_head=128",
+        ],
+        REFUSAL_LIMIT,
+    );
+    assert_eq!(out.code, Some(2), "{}", out.show());
+    for needle in [
+        "does not fit in memory",
+        "simulated GPU",
+        "model.d_model 16384",
+    ] {
+        assert!(out.stderr.contains(needle), "`{needle}`: {}", out.show());
+    }
+    assert!(listing(tmp.path()).is_empty(), "{:?}", listing(tmp.path()));
 }
