@@ -1,9 +1,8 @@
 //! Limits, on the command line: absurd sizes are refused with exit 2 naming their key before
-//! anything is written (train, `--resume`, `bench`, the simulated GPU's memory), `--dry-run`
-//! never prints a wrapped total,
-//! unreasonable steps and evaluations are bounded, and a stop signal acts between micro-batches
-//! and between evaluation rounds (the partial step abandoned, its resume bit-identical to a run
-//! never stopped); a run of 10^12 steps starts and stops.
+//! anything is written (train, `--resume`, `bench`, the simulated GPU's memory), `--dry-run` never
+//! prints a wrapped total, unreasonable steps and evaluations are bounded, and a stop signal acts
+//! between micro-batches and between evaluation rounds (the partial step abandoned, its resume
+//! bit-identical to a run never stopped); a run of 10^12 steps starts and stops.
 //!
 //! Every test works in its own temporary directory, the child's working directory too, and every
 //! wait has a deadline.
