@@ -60,6 +60,15 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<BenchR
     let prepared = rows::prepare(opts)?;
     let base = &prepared.base;
     let device = train::device::resolve(base.device)?;
+    // Every row is admitted before the first runs: a row too large for this machine is refused
+    // up front, not after the smaller rows' minutes.
+    for job in &prepared.jobs {
+        train::admission::admit(
+            &job.cfg,
+            &device,
+            train::admission::Sharing::local(&job.cfg),
+        )?;
+    }
     let precision = &base.parallel.mixed_precision;
     let hw = hardware::describe(&device, precision.param_dtype, opts.peak_tflops);
     let m = &base.model;

@@ -21,6 +21,7 @@ use crate::error::UsageError;
 use crate::launch::env::{from_process_env, RankEnv, RankFlags};
 use crate::shard::memory::mib;
 use crate::shard::{RankComms, ShardPlan};
+use crate::train::admission::Sharing;
 use crate::train::device::Device;
 use crate::train::{self, Start, TrainSummary, CONFIG_FILE};
 
@@ -72,6 +73,7 @@ pub(super) fn train_command(args: TrainArgs) -> Result<()> {
         None => {
             // The device is opened before the run directory exists: a missing GPU leaves nothing.
             let device = train::device::resolve(job.cfg.device)?;
+            train::admission::admit(&job.cfg, &device, Sharing::local(&job.cfg))?;
             let dir = make_run_dir(&job)?;
             train::install_stop_signals()?;
             let s = train::train_on(&device, &job.cfg, &dir, &job.start, &faults_of(&job))?;
@@ -106,6 +108,11 @@ fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Resu
     // First: a bad token file is bad input found before anything is written.
     let key = crate::launch::token::for_rank(token_file, env.rank)?;
     let device = train::device::resolve_on(job.cfg.device, crate::launch::device_ordinal(env))?;
+    train::admission::admit(
+        &job.cfg,
+        &device,
+        Sharing::one_per_process(env.local_world_size),
+    )?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
     let plan = ShardPlan::new(&job.cfg.parallel);
     // NCCL needs real GPUs; ranks of a multi-process job on the simulated GPU go over TCP.

@@ -7,6 +7,7 @@ mod locate;
 mod overrides;
 mod report;
 mod schema;
+pub mod sizes;
 mod validate;
 
 pub use schema::{

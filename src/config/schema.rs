@@ -43,7 +43,10 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Number of transformer blocks.
+    /// Number of transformer blocks (at most `sizes::MAX_LAYERS`, 4096). The model keys together
+    /// must describe a job one unsharded rank could hold within a pebibyte
+    /// (`sizes::MAX_UNSHARDED_RANK_BYTES`); whether it fits this machine is checked before a run
+    /// writes anything.
     pub n_layer: usize,
     /// Attention heads per block; must divide d_model.
     pub n_head: usize,
@@ -108,6 +111,26 @@ pub enum TokenizerKind {
     Gpt2,
 }
 
+impl TokenizerKind {
+    /// Token ids this tokenizer produces: `0..vocab_size()`. The sizes live here, on the config
+    /// side, so that validation needs nothing from `data` (which depends on the config).
+    pub const fn vocab_size(self) -> usize {
+        match self {
+            TokenizerKind::Bytes => 256,
+            // 50,000 merges, 256 bytes and `<|endoftext|>`.
+            TokenizerKind::Gpt2 => 50_257,
+        }
+    }
+
+    /// The name a config spells it with.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::Bytes => "bytes",
+            TokenizerKind::Gpt2 => "gpt2",
+        }
+    }
+}
+
 /// Where training and validation tokens come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,7 +192,9 @@ pub struct TrainConfig {
     pub max_steps: u64,
     /// Sequences per forward/backward pass on one rank.
     pub micro_batch_size: usize,
-    /// Sequences per optimiser step, over all ranks and accumulation steps.
+    /// Sequences per optimiser step, over all ranks and accumulation steps. A step trains on at
+    /// most 2^27 tokens (global_batch_size x model.seq_len, `sizes::MAX_TOKENS_PER_STEP`), about
+    /// eight times the largest published batches, so that a step ends in reasonable time.
     pub global_batch_size: usize,
     /// Peak learning rate (reached after warmup).
     pub lr: f32,
@@ -189,7 +214,8 @@ pub struct TrainConfig {
     pub eps: f32,
     /// Evaluate on the validation split every this many steps; 0 disables evaluation.
     pub eval_every: u64,
-    /// Validation tokens per evaluation.
+    /// Validation tokens per evaluation: at most 2^27 (`sizes::MAX_EVAL_TOKENS`, the largest
+    /// step's worth), so that an evaluation ends in reasonable time.
     pub eval_tokens: usize,
     /// Seed of initialisation and data order.
     pub seed: u64,

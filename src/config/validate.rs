@@ -1,7 +1,7 @@
 // The rules a config must satisfy before training starts (impossible or unsupported values).
 // Pure: returns every problem as (dotted key, what is wrong); report.rs adds file and line.
 
-use super::schema::{Config, DataKind, ShardStrategy, TokenizerKind};
+use super::schema::{Config, DataKind, ShardStrategy};
 
 /// Collects the problems of a config, in section order.
 struct Problems(Vec<(String, String)>);
@@ -69,6 +69,7 @@ pub(crate) fn problems(config: &Config) -> Vec<(String, String)> {
     parallel(config, &mut out);
     checkpoint(config, &mut out);
     logging(config, &mut out);
+    out.0.extend(super::sizes::problems(config));
     out.0
 }
 
@@ -101,10 +102,10 @@ fn model(config: &Config, out: &mut Problems) {
             ),
         );
     }
-    let (min_vocab, tokenizer) = match config.data.tokenizer {
-        TokenizerKind::Bytes => (crate::data::tokenizer::BYTE_VOCAB, "bytes"),
-        TokenizerKind::Gpt2 => (crate::data::tokenizer::GPT2_VOCAB, "gpt2"),
-    };
+    let (min_vocab, tokenizer) = (
+        config.data.tokenizer.vocab_size(),
+        config.data.tokenizer.name(),
+    );
     if m.vocab_size < min_vocab {
         out.push(
             "model.vocab_size",

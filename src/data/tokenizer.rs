@@ -10,10 +10,11 @@ use tiktoken_rs::CoreBPE;
 
 use crate::config::TokenizerKind;
 
-/// Tokens a byte-level vocabulary needs.
-pub const BYTE_VOCAB: usize = 256;
+/// Tokens a byte-level vocabulary needs (the config owns the sizes: the dependency runs from
+/// `data` to `config` only).
+pub const BYTE_VOCAB: usize = TokenizerKind::Bytes.vocab_size();
 /// GPT-2's vocabulary: 50,000 merges, 256 bytes and `<|endoftext|>`.
-pub const GPT2_VOCAB: usize = 50_257;
+pub const GPT2_VOCAB: usize = TokenizerKind::Gpt2.vocab_size();
 /// GPT-2's `<|endoftext|>`.
 pub const GPT2_EOT: u32 = 50_256;
 /// End-of-text of the byte tokenizer: byte 0, which text files practically never contain.

@@ -4,7 +4,9 @@
 //! `config.yaml`, the metrics file, `model.safetensors`, `summary.json`. Ranks are threads
 //! sharing this process, talking through the `local` communicator.
 
+pub mod admission;
 pub mod device;
+mod host_memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod phases;
@@ -158,13 +160,16 @@ pub enum Start {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Whether a stop signal has arrived: the job finishes its step, checkpoints and ends.
+/// Whether a stop signal has arrived: the job stops at the next micro-batch, checkpoints and ends.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
-/// SIGINT and SIGTERM ask the job to stop after the current step (with a checkpoint); a second
-/// signal ends the process at once (exit 130), leaving the last complete checkpoint as it is.
+/// SIGINT and SIGTERM ask the job to stop (with a checkpoint of the last complete step): the ranks
+/// agree on it at the next micro-batch or evaluation-round boundary, abandoning a step in progress
+/// (no update, its data replayed on resume), or after the step when it is the step's last
+/// micro-batch; a second signal ends the process at once (exit 130), leaving the last complete
+/// checkpoint as it is.
 pub fn install_stop_signals() -> Result<()> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
     let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)));
@@ -179,8 +184,8 @@ pub fn install_stop_signals() -> Result<()> {
     std::thread::spawn(move || loop {
         if flag.load(Ordering::Relaxed) && !STOP.swap(true, Ordering::Relaxed) {
             eprintln!(
-                "stop requested: finishing this step and writing a checkpoint (signal again to \
-                 quit at once)"
+                "stop requested: stopping after this micro-batch (a step in progress is abandoned \
+                 and replayed on resume) and writing a checkpoint (signal again to quit at once)"
             );
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -89,6 +89,14 @@ pub fn describe_plan(cfg: &Config) -> String {
         zero.0,
         mib(zero.1)
     );
+    let peak = super::admission::peak_per_rank(cfg).total();
+    let ranks = plan.world_size;
+    let _ = writeln!(
+        out,
+        "planned peak per rank, with gathered parameters and unsharded gradients: {} ({peak} bytes); {ranks} rank(s) in one process: {}",
+        mib(peak),
+        mib(peak.saturating_mul(ranks)),
+    );
     let _ = writeln!(
         out,
         "(gathered parameters and unsharded gradients are transient: their peaks are measured during a run, see summary.json)"
