@@ -10,6 +10,7 @@
 pub mod hf;
 pub mod meta;
 pub mod read;
+pub mod staging;
 pub mod write;
 
 use std::fmt::Write as _;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::run_lock::RunLock;
 use super::{nccl_ids, render_op_times, run_dir, TrainArgs};
 use crate::backend::cuda::CudaBackend;
 use crate::checkpoint::{self, Checkpoint};
@@ -72,7 +73,8 @@ pub(super) fn train_command(args: TrainArgs) -> Result<()> {
         None => {
             // The device is opened before the run directory exists: a missing GPU leaves nothing.
             let device = train::device::resolve(job.cfg.device)?;
-            let dir = make_run_dir(&job)?;
+            // Held until the run ends: no other writer gets the directory meanwhile.
+            let (dir, _locks) = make_run_dir(&job)?;
             train::install_stop_signals()?;
             let s = train::train_on(&device, &job.cfg, &dir, &job.start, &faults_of(&job))?;
             report(&s, &dir)
@@ -95,27 +97,37 @@ fn faults_of(job: &Job) -> train::Faults {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct JobPayload {
     run_dir: PathBuf,
+    /// The job's writer tag, which names its checkpoints' staging directories.
+    writer: String,
     /// NCCL unique ids by communicator (see [`nccl_ids::comm_key`]), when the ranks run on GPUs.
     nccl_ids: Option<BTreeMap<String, Vec<u8>>>,
 }
 
-/// This process is one rank of a multi-process job: rank 0 makes the run directory (and, on GPUs,
-/// draws an NCCL id per communicator) and hands them to the others at the rendezvous; every rank
-/// then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
+/// This process is one rank of a multi-process job: rank 0 makes the run directory, holding its
+/// lock for the job's life (the other ranks, maybe on other hosts, never touch the lock), draws the
+/// job's writer tag (and, on GPUs, an NCCL id per communicator) and hands them to the others at the
+/// rendezvous; every rank then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
 fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
     let device = train::device::resolve_on(job.cfg.device, crate::launch::device_ordinal(env))?;
     let timeout = Duration::from_secs_f64(job.cfg.parallel.collective_timeout_s);
     let plan = ShardPlan::new(&job.cfg.parallel);
     // NCCL needs real GPUs; ranks of a multi-process job on the simulated GPU go over TCP.
     let gpu = device.is_real_gpu();
+    let mut _locks = Vec::new();
     let payload = if env.rank == 0 {
         let nccl_ids = if gpu {
             Some(nccl_ids::draw_ids(&plan, nccl::new_unique_id)?)
         } else {
             None
         };
-        let run_dir = make_run_dir(job)?;
-        serde_json::to_vec(&JobPayload { run_dir, nccl_ids })?
+        let run_dir;
+        (run_dir, _locks) = make_run_dir(job)?;
+        let writer = checkpoint::staging::writer_tag();
+        serde_json::to_vec(&JobPayload {
+            run_dir,
+            writer,
+            nccl_ids,
+        })?
     } else {
         Vec::new()
     };
@@ -145,9 +157,18 @@ fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
                 shard,
                 replica,
             };
-            train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms)?
+            let writer = &payload.writer;
+            train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms, writer)?
         }
-        _ => train::train_process(&device, &job.cfg, &dir, &job.start, &faults, &joined.world)?,
+        _ => train::train_process(
+            &device,
+            &job.cfg,
+            &dir,
+            &job.start,
+            &faults,
+            &joined.world,
+            &payload.writer,
+        )?,
     };
     match summary {
         Some(s) => report(&s, &dir),
@@ -267,15 +288,20 @@ fn same_dir(a: &Path, b: &Path) -> bool {
         .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
 }
 
-/// Creates (or, resuming in place, prepares) the run directory; the only step that writes.
-fn make_run_dir(job: &Job) -> Result<PathBuf> {
+/// Creates (or, resuming in place, prepares) the run directory; the only step that writes. Its
+/// lock (and that of an outside `checkpoint.dir`), returned, is taken before anything in it is
+/// created or changed; under it, what writers that died left unfinished is removed.
+fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
+    let mut locks = Vec::new();
     let dir = match &job.dir {
         RunDir::New { explicit, name } => {
-            let d = run_dir::prepare(explicit.clone(), name)?;
+            let (d, lock) = run_dir::prepare(explicit.clone(), name)?;
+            locks.push(lock);
             std::fs::write(d.join(CONFIG_FILE), job.cfg.to_yaml())?;
             d
         }
         RunDir::InPlace(d) => {
+            locks.push(RunLock::acquire(d)?);
             let ckpt = job
                 .resume
                 .as_ref()
@@ -290,6 +316,11 @@ fn make_run_dir(job: &Job) -> Result<PathBuf> {
             d.clone()
         }
     };
+    let ckpt_root = train::checkpoint_root(&job.cfg, &dir);
+    if let Some(outside) = outside_checkpoint_dir(&dir, &ckpt_root)? {
+        locks.push(outside);
+    }
+    checkpoint::staging::sweep_debris(&dir, &ckpt_root)?;
     match &job.resume {
         Some(ckpt) => println!(
             "resuming {} (step {}) in {}",
@@ -299,7 +330,23 @@ fn make_run_dir(job: &Job) -> Result<PathBuf> {
         ),
         None => println!("run directory: {}", dir.display()),
     }
-    Ok(dir)
+    Ok((dir, locks))
+}
+
+/// The lock of `ckpt_root` when it lies outside the run directory `dir` (`checkpoint.dir`): two
+/// runs writing checkpoints to one directory would clash as two writers of one run would.
+fn outside_checkpoint_dir(dir: &Path, ckpt_root: &Path) -> Result<Option<RunLock>> {
+    let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(ckpt_root)) {
+        (Ok(d), Ok(c)) => c.starts_with(d),
+        // Not made yet: it is inside if named so.
+        _ => ckpt_root.starts_with(dir),
+    };
+    if inside {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(ckpt_root)
+        .with_context(|| format!("creating the checkpoint directory {}", ckpt_root.display()))?;
+    Ok(Some(RunLock::acquire(ckpt_root)?))
 }
 
 /// A run continued in place no longer ends with the weights it ended with before: its earlier
