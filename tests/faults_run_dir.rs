@@ -1,6 +1,6 @@
 //! One writer per run directory, and no debris, running the real binary: two runs given one
-//! `--run-dir` at once (one runs, the other exits 2 having written nothing), two resumes in place
-//! of one run (the same), a lock left by a killed run (taken over, said so), a save that fails
+//! `--run-dir` at once (one runs, the other exits 2 having written nothing), or one outside
+//! `checkpoint.dir` (the same), two resumes in place of one run (the same), a lock left by a killed run (taken over, said so), a save that fails
 //! (its staging directory goes with it), and what dead writers left (removed at the next start,
 //! complete checkpoints untouched).
 //!
@@ -302,6 +302,38 @@ fn two_fresh_runs_given_one_run_dir_one_runs_and_the_other_exits_2_writing_nothi
         (1..=steps.len() as u64).collect::<Vec<_>>(),
         "not interleaved"
     );
+}
+
+#[test]
+fn two_runs_given_one_checkpoint_dir_one_runs_and_the_other_exits_2_creating_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("ckpts");
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let settings = [
+        "train.max_steps=100000".to_string(),
+        format!("checkpoint.dir={}", shared.display()),
+    ];
+    let args = train_args(&["--run-dir", s(&first)], &settings);
+    let mut long = Running::start(tmp.path(), &args, &[]);
+    long.wait_for_metrics(&first, 1);
+    // Short, so that without the lock it would end (and fail this test) quickly.
+    let short = [
+        "train.max_steps=3".to_string(),
+        format!("checkpoint.dir={}", shared.display()),
+    ];
+    let out = run_to_end(
+        tmp.path(),
+        &train_args(&["--run-dir", s(&second)], &short),
+        &[],
+    );
+    out.assert_code(2);
+    let holder = format!(
+        "checkpoint directory {} is in use by pid {}",
+        shared.display(),
+        long.child.id()
+    );
+    assert!(out.stderr.contains(&holder), "`{holder}`:\n{}", out.show());
+    assert!(!second.exists(), "the refused run made no run directory");
 }
 
 #[test]

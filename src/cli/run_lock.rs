@@ -71,16 +71,21 @@ pub struct RunLock {
 const ATTEMPTS: usize = 16;
 
 impl RunLock {
-    /// Takes the lock of the existing directory `dir`, or refuses (a `UsageError`, exit 2) naming
-    /// the live holder. A stale lock left by a process of this host that died is taken over,
-    /// with a warning naming it.
+    /// Takes the lock of the existing run directory `dir`, or refuses (a `UsageError`, exit 2)
+    /// naming the live holder. A stale lock left by a process of this host that died is taken
+    /// over, with a warning naming it.
     pub fn acquire(dir: &Path) -> Result<RunLock> {
+        Self::acquire_named(dir, "run directory")
+    }
+
+    /// [`RunLock::acquire`] of a directory that messages call `what` ("checkpoint directory").
+    pub fn acquire_named(dir: &Path, what: &str) -> Result<RunLock> {
         let path = dir.join(LOCK_FILE);
         for _ in 0..ATTEMPTS {
             let (file, created) = open_or_create(&path)?;
             match file.try_lock() {
                 Ok(()) => {}
-                Err(TryLockError::WouldBlock) => return Err(in_use(dir, &path)),
+                Err(TryLockError::WouldBlock) => return Err(in_use(what, dir, &path)),
                 Err(TryLockError::Error(e)) => {
                     return Err(anyhow!(e).context(format!(
                         "locking {} (the run directory must be on a filesystem with flock \
@@ -95,7 +100,7 @@ impl RunLock {
             }
             let mut lock = RunLock { file, path };
             if !created {
-                lock.take_over_stale(dir)?;
+                lock.take_over_stale(what, dir)?;
             }
             lock.record(&Holder::this_process())?;
             return Ok(lock);
@@ -109,14 +114,14 @@ impl RunLock {
     /// The lock is ours, its file was there before: its holder died without removing it. Taken
     /// over (said so) if that holder was of this host; refused if of another, whose lock this
     /// host may not see (see the module notes on shared filesystems).
-    fn take_over_stale(&mut self, dir: &Path) -> Result<()> {
+    fn take_over_stale(&mut self, what: &str, dir: &Path) -> Result<()> {
         let recorded = read_holder(&mut self.file);
         match recorded {
             Some(h) if h.host != host_name() => {
                 // Left as it is: this file is the only trace of a writer that may still run.
                 self.path = PathBuf::new();
                 Err(UsageError(format!(
-                    "run directory {} is locked by {} (its lock file {} shows no live holder \
+                    "{what} {} is locked by {} (its lock file {} shows no live holder \
                      from this host, but a lock of another host is not always visible here): if \
                      that job is gone, remove {} and start again",
                     dir.display(),
@@ -128,7 +133,7 @@ impl RunLock {
             }
             Some(h) => {
                 tracing::warn!(
-                    "taking over the stale lock of run directory {}: {} is gone",
+                    "taking over the stale lock of {what} {}: {} is gone",
                     dir.display(),
                     h.describe()
                 );
@@ -136,7 +141,7 @@ impl RunLock {
             }
             None => {
                 tracing::warn!(
-                    "taking over the stale lock of run directory {} (its holder died before \
+                    "taking over the stale lock of {what} {} (its holder died before \
                      recording itself)",
                     dir.display()
                 );
@@ -209,7 +214,7 @@ fn read_holder(file: &mut File) -> Option<Holder> {
 }
 
 /// The refusal of a second writer, naming the holder.
-fn in_use(dir: &Path, path: &Path) -> anyhow::Error {
+fn in_use(what: &str, dir: &Path, path: &Path) -> anyhow::Error {
     let holder = File::open(path)
         .ok()
         .and_then(|mut f| read_holder(&mut f))
@@ -218,8 +223,8 @@ fn in_use(dir: &Path, path: &Path) -> anyhow::Error {
             |h| h.describe(),
         );
     UsageError(format!(
-        "run directory {} is in use by {holder}: one run writes to a directory at a time (wait \
-         for it to end, or choose another --run-dir); nothing was written",
+        "{what} {} is in use by {holder}: one run writes to a directory at a time (wait for it \
+         to end, or choose another); nothing was written",
         dir.display()
     ))
     .into()

@@ -288,20 +288,14 @@ fn same_dir(a: &Path, b: &Path) -> bool {
         .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
 }
 
-/// Creates (or, resuming in place, prepares) the run directory; the only step that writes. Its
-/// lock (and that of an outside `checkpoint.dir`), returned, is taken before anything in it is
-/// created or changed; under it, what writers that died left unfinished is removed.
+/// Creates (or, resuming in place, prepares) the run directory; the only step that writes. It is
+/// claimed first (see [`claim_run_dir`]); under its lock, what writers that died left unfinished
+/// is removed once every input has been checked. The locks are held until dropped.
 fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
-    let mut locks = Vec::new();
-    let dir = match &job.dir {
-        RunDir::New { explicit, name } => {
-            let (d, lock) = run_dir::prepare(explicit.clone(), name)?;
-            locks.push(lock);
-            std::fs::write(d.join(CONFIG_FILE), job.cfg.to_yaml())?;
-            d
-        }
+    let (dir, locks) = claim_run_dir(job)?;
+    match &job.dir {
+        RunDir::New { .. } => std::fs::write(dir.join(CONFIG_FILE), job.cfg.to_yaml())?,
         RunDir::InPlace(d) => {
-            locks.push(RunLock::acquire(d)?);
             let ckpt = job
                 .resume
                 .as_ref()
@@ -313,14 +307,9 @@ fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
             let resumed = d.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
             std::fs::write(&resumed, job.cfg.to_yaml())
                 .with_context(|| format!("writing {}", resumed.display()))?;
-            d.clone()
         }
-    };
-    let ckpt_root = train::checkpoint_root(&job.cfg, &dir);
-    if let Some(outside) = outside_checkpoint_dir(&dir, &ckpt_root)? {
-        locks.push(outside);
     }
-    checkpoint::staging::sweep_debris(&dir, &ckpt_root)?;
+    checkpoint::staging::sweep_debris(&dir, &train::checkpoint_root(&job.cfg, &dir))?;
     match &job.resume {
         Some(ckpt) => println!(
             "resuming {} (step {}) in {}",
@@ -333,20 +322,41 @@ fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
     Ok((dir, locks))
 }
 
-/// The lock of `ckpt_root` when it lies outside the run directory `dir` (`checkpoint.dir`): two
-/// runs writing checkpoints to one directory would clash as two writers of one run would.
-fn outside_checkpoint_dir(dir: &Path, ckpt_root: &Path) -> Result<Option<RunLock>> {
-    let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(ckpt_root)) {
-        (Ok(d), Ok(c)) => c.starts_with(d),
-        // Not made yet: it is inside if named so.
-        _ => ckpt_root.starts_with(dir),
+/// The run directory, created if new, and locked before anything in it is created or changed
+/// (a second writer is refused, exit 2, having written nothing). An outside `checkpoint.dir` is
+/// locked too, first: two runs writing checkpoints into one directory clash as two writers of one
+/// run would.
+fn claim_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
+    let mut locks = Vec::new();
+    let own_dir = match &job.dir {
+        RunDir::New { explicit, .. } => explicit.as_deref(),
+        RunDir::InPlace(d) => Some(d.as_path()),
     };
-    if inside {
-        return Ok(None);
+    let ckpt_dir = Path::new(&job.cfg.checkpoint.dir);
+    let outside =
+        !job.cfg.checkpoint.dir.is_empty() && !own_dir.is_some_and(|d| is_inside(ckpt_dir, d));
+    if outside {
+        std::fs::create_dir_all(ckpt_dir)
+            .with_context(|| format!("creating the checkpoint directory {}", ckpt_dir.display()))?;
+        locks.push(RunLock::acquire_named(ckpt_dir, "checkpoint directory")?);
     }
-    std::fs::create_dir_all(ckpt_root)
-        .with_context(|| format!("creating the checkpoint directory {}", ckpt_root.display()))?;
-    Ok(Some(RunLock::acquire(ckpt_root)?))
+    let (dir, lock) = match &job.dir {
+        RunDir::New { explicit, name } => run_dir::prepare(explicit.clone(), name)?,
+        RunDir::InPlace(d) => (d.clone(), RunLock::acquire(d)?),
+    };
+    locks.push(lock);
+    Ok((dir, locks))
+}
+
+/// Whether `inner` is `outer` or lies under it (through symbolic links too, where both exist).
+fn is_inside(inner: &Path, outer: &Path) -> bool {
+    match (std::fs::canonicalize(inner), std::fs::canonicalize(outer)) {
+        (Ok(i), Ok(o)) => i.starts_with(o),
+        _ => match (std::path::absolute(inner), std::path::absolute(outer)) {
+            (Ok(i), Ok(o)) => i.starts_with(o),
+            _ => inner.starts_with(outer),
+        },
+    }
 }
 
 /// A run continued in place no longer ends with the weights it ended with before: its earlier
