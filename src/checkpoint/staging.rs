@@ -1,12 +1,13 @@
 //! Where an unfinished checkpoint lives, and what is left of unfinished ones.
 //!
-//! Every save stages into a directory named after its writer: `.partial-step-N-<host>-<pid>-<nonce>`
-//! (the writer tag is drawn once per job by the rank that owns the run directory and shared with
-//! the other ranks), so two writers never share, recreate or remove each other's staging. A
-//! failed save removes its own staging directory ([`discard`]), giving a full disk its space back;
-//! what a writer that died leaves behind is removed at the next start, under the run directory's
-//! lock, by [`sweep_debris`]. Nothing holding `meta.json` is ever removed here: a finished
-//! checkpoint is not debris, whatever state its files are in.
+//! Every save stages into a directory named after its writer,
+//! `.partial-step-N-<host>-<pid>-<nonce>` (the writer tag is drawn once per job by the process
+//! that owns the run directory and shared with the other ranks), so two writers never share,
+//! recreate or remove each other's staging. A failed save removes its own staging directory
+//! ([`discard`]), giving a full disk its space back; what a writer that died leaves behind is
+//! removed at the next start, under the run directory's lock, by [`sweep_debris`]. Nothing
+//! holding `meta.json` is ever removed here: a finished checkpoint is not debris, whatever state
+//! its files are in.
 
 use std::path::{Path, PathBuf};
 

@@ -109,9 +109,9 @@ pub fn write_rank_file(staging: &Path, state: &RankState) -> Result<()> {
     )
 }
 
-/// Rank 0, after every rank has written into `writer`'s staging directory: `meta.json` from `meta` (its `files` filled in from the
-/// sidecars of `writers`), then the rename that makes the checkpoint visible, then pruning to the
-/// newest `keep_last`. Returns the checkpoint's directory.
+/// Rank 0, after every rank has written into `writer`'s staging directory: `meta.json` from
+/// `meta` (its `files` filled in from the sidecars of `writers`), then the rename that makes the
+/// checkpoint visible, then pruning to the newest `keep_last`. Returns the checkpoint's directory.
 pub fn commit(
     root: &Path,
     step: u64,

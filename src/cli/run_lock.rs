@@ -111,27 +111,29 @@ impl RunLock {
         ))
     }
 
-    /// The lock is ours, its file was there before: its holder died without removing it. Taken
-    /// over (said so) if that holder was of this host; refused if of another, whose lock this
-    /// host may not see (see the module notes on shared filesystems).
+    /// The lock is ours and its file was there before: a holder that recorded itself there died
+    /// without removing it. Taken over (said so) if that holder was of this host; refused if of
+    /// another, whose lock this host may not see (see the module notes on shared filesystems).
+    /// An empty file is one another writer has just made and not yet locked: not stale.
     fn take_over_stale(&mut self, what: &str, dir: &Path) -> Result<()> {
-        let recorded = read_holder(&mut self.file);
-        match recorded {
-            Some(h) if h.host != host_name() => {
+        match read_record(&mut self.file) {
+            Record::Empty => Ok(()),
+            Record::Holder(h) if h.host != host_name() => {
                 // Left as it is: this file is the only trace of a writer that may still run.
                 self.path = PathBuf::new();
+                let file = dir.join(LOCK_FILE);
                 Err(UsageError(format!(
                     "{what} {} is locked by {} (its lock file {} shows no live holder \
                      from this host, but a lock of another host is not always visible here): if \
                      that job is gone, remove {} and start again",
                     dir.display(),
                     h.describe(),
-                    dir.join(LOCK_FILE).display(),
-                    dir.join(LOCK_FILE).display()
+                    file.display(),
+                    file.display()
                 ))
                 .into())
             }
-            Some(h) => {
+            Record::Holder(h) => {
                 tracing::warn!(
                     "taking over the stale lock of {what} {}: {} is gone",
                     dir.display(),
@@ -139,10 +141,9 @@ impl RunLock {
                 );
                 Ok(())
             }
-            None => {
+            Record::Unreadable => {
                 tracing::warn!(
-                    "taking over the stale lock of {what} {} (its holder died before \
-                     recording itself)",
+                    "taking over the stale lock of {what} {} (its holder's record is unreadable)",
                     dir.display()
                 );
                 Ok(())
@@ -206,22 +207,34 @@ fn names_this_file(path: &Path, file: &File) -> Result<bool> {
     }
 }
 
-fn read_holder(file: &mut File) -> Option<Holder> {
+/// What a lock file says about its holder.
+enum Record {
+    Empty,
+    Holder(Holder),
+    Unreadable,
+}
+
+fn read_record(file: &mut File) -> Record {
     let mut text = String::new();
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.read_to_string(&mut text).ok()?;
-    serde_json::from_str(text.trim()).ok()
+    if file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_string(&mut text))
+        .is_err()
+    {
+        return Record::Unreadable;
+    }
+    if text.trim().is_empty() {
+        return Record::Empty;
+    }
+    serde_json::from_str(text.trim()).map_or(Record::Unreadable, Record::Holder)
 }
 
 /// The refusal of a second writer, naming the holder.
 fn in_use(what: &str, dir: &Path, path: &Path) -> anyhow::Error {
-    let holder = File::open(path)
-        .ok()
-        .and_then(|mut f| read_holder(&mut f))
-        .map_or_else(
-            || "another process (it has not recorded itself yet)".to_string(),
-            |h| h.describe(),
-        );
+    let holder = match File::open(path).map(|mut f| read_record(&mut f)) {
+        Ok(Record::Holder(h)) => h.describe(),
+        _ => "another process (it has not recorded itself yet)".to_string(),
+    };
     UsageError(format!(
         "{what} {} is in use by {holder}: one run writes to a directory at a time (wait for it \
          to end, or choose another); nothing was written",
