@@ -113,23 +113,23 @@ fn train_as_process(job: &Job, env: &RankEnv) -> Result<()> {
     let plan = ShardPlan::new(&job.cfg.parallel);
     // NCCL needs real GPUs; ranks of a multi-process job on the simulated GPU go over TCP.
     let gpu = device.is_real_gpu();
-    let mut _locks = Vec::new();
-    let payload = if env.rank == 0 {
+    // Rank 0 holds the run directory's lock until the job ends.
+    let (payload, _locks) = if env.rank == 0 {
         let nccl_ids = if gpu {
             Some(nccl_ids::draw_ids(&plan, nccl::new_unique_id)?)
         } else {
             None
         };
-        let run_dir;
-        (run_dir, _locks) = make_run_dir(job)?;
+        let (run_dir, locks) = make_run_dir(job)?;
         let writer = checkpoint::staging::writer_tag();
-        serde_json::to_vec(&JobPayload {
+        let payload = JobPayload {
             run_dir,
             writer,
             nccl_ids,
-        })?
+        };
+        (serde_json::to_vec(&payload)?, locks)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let joined = crate::launch::join(env, &payload, timeout)?;
     let payload: JobPayload = serde_json::from_slice(&joined.payload)
