@@ -1,8 +1,9 @@
 //! One writer per run directory, and no debris, running the real binary: two runs given one
 //! `--run-dir` at once (one runs, the other exits 2 having written nothing), or one outside
-//! `checkpoint.dir` (the same), two resumes in place of one run (the same), a lock left by a
-//! killed run (taken over, said so), a save that fails (its staging directory goes with it), and
-//! what dead writers left (removed at the next start, complete checkpoints untouched).
+//! `checkpoint.dir` (the same), a launched job (its rank 0 holds the lock for every rank), two
+//! resumes in place of one run (the same), a lock left by a killed run (taken over, said so), a
+//! save that fails (its staging directory goes with it), and what dead writers left (removed at
+//! the next start, complete checkpoints untouched).
 //!
 //! Every test works in its own temporary directory, and every wait has a deadline: a child that
 //! outlives it is killed and the test fails with what it printed.
@@ -336,6 +337,63 @@ fn two_runs_given_one_checkpoint_dir_one_runs_and_the_other_exits_2_creating_not
     );
     assert!(out.stderr.contains(&holder), "`{holder}`:\n{}", out.show());
     assert!(!second.exists(), "the refused run made no run directory");
+}
+
+#[test]
+fn a_launched_job_holds_its_run_dir_through_rank_0_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    // Long enough to outlast the checks below by far, short enough that ranks orphaned by a
+    // failing test (dropping `job` kills only the launcher) end on their own within seconds.
+    let settings = [
+        "train.max_steps=500".to_string(),
+        "checkpoint.every_steps=2".to_string(),
+    ];
+    let mut args = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        &port,
+        "--",
+    ];
+    args.extend(train_args(&["--run-dir", s(&run)], &settings));
+    let mut job = Running::start(tmp.path(), &args, &[]);
+    // Both ranks train (rank 1 was not refused), their checkpoints staged and committed together.
+    job.wait_for_metrics(&run, 3);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join(LOCK_FILE)).unwrap()).unwrap();
+    let holder = record["pid"].as_u64().unwrap();
+    assert_ne!(
+        holder,
+        u64::from(job.child.id()),
+        "rank 0 holds it, not the launcher"
+    );
+
+    let short = ["train.max_steps=3".to_string()];
+    let out = run_to_end(
+        tmp.path(),
+        &train_args(&["--run-dir", s(&run)], &short),
+        &[],
+    );
+    out.assert_code(2);
+    let said = format!("is in use by pid {holder}");
+    assert!(out.stderr.contains(&said), "`{said}`:\n{}", out.show());
+
+    // A stop (or, had it already ended, the end of the job): exit 0 either way.
+    let _ = Command::new("kill")
+        .args(["-INT", &job.child.id().to_string()])
+        .status();
+    job.wait(COMMAND_LIMIT).assert_code(0);
+    assert!(!run.join(LOCK_FILE).exists());
+    let kept = assert_complete_checkpoints_only(tmp.path(), &run);
+    assert!(!kept.is_empty());
 }
 
 #[test]
