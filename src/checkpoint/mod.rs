@@ -1,6 +1,6 @@
 //! Checkpoints: sharded training state that a run can be resumed from on any world size and
-//! strategy (`meta`, `write`, `read`), and the Hugging Face GPT-2 format for trained weights
-//! (`hf`).
+//! strategy (`meta`, `write`, `read`, `staging`), and the Hugging Face GPT-2 format for trained
+//! weights (`hf`).
 //!
 //! A checkpoint is a directory `step-N` holding `meta.json` and one safetensors file per rank that
 //! holds a distinct shard (replicas of a shard write once): f32 master weights and AdamW moments
@@ -10,6 +10,7 @@
 pub mod hf;
 pub mod meta;
 pub mod read;
+pub mod staging;
 pub mod write;
 
 use std::fmt::Write as _;

@@ -1,12 +1,13 @@
 //! Writing a checkpoint so that it appears complete or not at all.
 //!
-//! The protocol, for every rank of the job: rank 0 [`prepare_staging`] (an empty `.partial-step-N`
-//! directory beside the finished checkpoints), barrier; every rank holding a distinct shard
-//! [`write_rank_file`]s its safetensors file and a small JSON sidecar (size, CRC-32, pieces), each
-//! fsynced; barrier; rank 0 [`commit`]s: it folds the sidecars into `meta.json`, fsyncs it, renames
-//! the staging directory to `step-N` and fsyncs the parent, then prunes old checkpoints. A crash
-//! at any point before the rename leaves only a staging directory, which no reader considers; the
-//! previous checkpoint is untouched.
+//! The protocol, for every rank of the job: rank 0 [`prepare_staging`] (an empty staging directory
+//! `.partial-step-N-<writer>` beside the finished checkpoints, named after this job's writer tag,
+//! see [`super::staging`]), barrier; every rank holding a distinct shard [`write_rank_file`]s its
+//! safetensors file and a small JSON sidecar (size, CRC-32, pieces), each fsynced; barrier; rank 0
+//! [`commit`]s: it folds the sidecars into `meta.json`, fsyncs it, renames the staging directory
+//! to `step-N` and fsyncs the parent, then prunes old checkpoints. A crash at any point before the
+//! rename leaves only a staging directory, which no reader considers; the previous checkpoint is
+//! untouched.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,6 +21,7 @@ use super::meta::{
     rank_file_name, step_dir_name, tensor_names, CheckpointMeta, FileMeta, Piece, META_FILE,
 };
 use super::read::list_checkpoints;
+use super::staging::staging_dir;
 
 /// One rank's share of the training state: per piece, master weights and the two moments.
 pub struct RankState {
@@ -27,15 +29,10 @@ pub struct RankState {
     pub pieces: Vec<(Piece, [Vec<f32>; 3])>,
 }
 
-/// The staging directory of the checkpoint for `step` under `root`.
-pub fn staging_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!(".partial-{}", step_dir_name(step)))
-}
-
-/// Rank 0, before the first barrier: an empty staging directory (the leftovers of an interrupted
-/// save of the same step are removed; finished checkpoints are never touched). Fails if the
-/// checkpoint for `step` already exists.
-pub fn prepare_staging(root: &Path, step: u64) -> Result<PathBuf> {
+/// Rank 0, before the first barrier: the empty staging directory of `writer` for `step`. Fails
+/// if the checkpoint for `step` already exists, or if this writer's staging directory does (a
+/// writer stages each step once; another writer's staging is never touched).
+pub fn prepare_staging(root: &Path, step: u64, writer: &str) -> Result<PathBuf> {
     let done = root.join(step_dir_name(step));
     if done.exists() {
         bail!(
@@ -45,11 +42,7 @@ pub fn prepare_staging(root: &Path, step: u64) -> Result<PathBuf> {
         );
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let staging = staging_dir(root, step);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .with_context(|| format!("removing the unfinished {}", staging.display()))?;
-    }
+    let staging = staging_dir(root, step, writer);
     std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
     Ok(staging)
 }
@@ -116,17 +109,18 @@ pub fn write_rank_file(staging: &Path, state: &RankState) -> Result<()> {
     )
 }
 
-/// Rank 0, after every rank has written: `meta.json` from `meta` (its `files` filled in from the
-/// sidecars of `writers`), then the rename that makes the checkpoint visible, then pruning to the
-/// newest `keep_last`. Returns the checkpoint's directory.
+/// Rank 0, after every rank has written into `writer`'s staging directory: `meta.json` from
+/// `meta` (its `files` filled in from the sidecars of `writers`), then the rename that makes the
+/// checkpoint visible, then pruning to the newest `keep_last`. Returns the checkpoint's directory.
 pub fn commit(
     root: &Path,
     step: u64,
+    writer: &str,
     mut meta: CheckpointMeta,
     writers: &[usize],
     keep_last: usize,
 ) -> Result<PathBuf> {
-    let staging = staging_dir(root, step);
+    let staging = staging_dir(root, step, writer);
     meta.files.clear();
     for &rank in writers {
         let path = staging.join(sidecar_name(rank));

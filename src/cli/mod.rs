@@ -7,6 +7,7 @@ mod eval;
 mod nccl_ids;
 mod plan;
 pub mod run_dir;
+pub mod run_lock;
 mod tokenize;
 mod train_job;
 

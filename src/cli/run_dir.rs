@@ -1,34 +1,81 @@
 //! The run directory: chosen (or named by the user), checked never to overwrite an earlier run,
-//! and created before training writes anything into it.
+//! created and locked (one writer at a time) before training writes anything into it.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+use super::run_lock::{RunLock, LOCK_FILE};
 use crate::error::UsageError;
 
-/// Creates the run directory: `explicit` if given (it must not exist or be empty), otherwise a
-/// fresh `runs/<name>-<UTC date-time>`.
-pub fn prepare(explicit: Option<PathBuf>, name: &str) -> Result<PathBuf> {
-    let dir = match explicit {
-        Some(dir) => {
-            if is_nonempty(&dir)? {
-                return Err(UsageError(format!(
-                    "the run directory {} already exists and is not empty; choose another --run-dir (nothing was written)",
-                    dir.display()
-                ))
-                .into());
-            }
-            dir
-        }
-        None => fresh_default(name),
+/// Creates the run directory and takes its lock (see [`super::run_lock`]), before anything is
+/// written into it: `explicit` if given (it must not exist, or be empty but for a stale lock),
+/// otherwise a fresh `runs/<name>-<UTC date-time>`. Two runs given one directory at once: one
+/// gets it, the other is refused (exit 2) having written nothing.
+pub fn prepare(explicit: Option<PathBuf>, name: &str) -> Result<(PathBuf, RunLock)> {
+    let Some(dir) = explicit else {
+        return claim_fresh(name);
     };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the run directory {}", dir.display()))?;
-    Ok(dir)
+    if dir.exists() && !dir.is_dir() {
+        return Err(not_empty(&dir));
+    }
+    if is_nonempty(&dir)? {
+        // Said before anything is created; the lock tells a live writer apart from a finished run.
+        drop(RunLock::acquire(&dir)?);
+        return Err(not_empty(&dir));
+    }
+    let created = create_dir(&dir)?;
+    let lock = match RunLock::acquire(&dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            if created {
+                // Only if still empty: the holder's lock file keeps it otherwise.
+                let _ = std::fs::remove_dir(&dir);
+            }
+            return Err(e);
+        }
+    };
+    // Checked again under the lock: another run may have filled it since the first look.
+    if is_nonempty(&dir)? {
+        return Err(not_empty(&dir));
+    }
+    Ok((dir, lock))
 }
 
+fn not_empty(dir: &Path) -> anyhow::Error {
+    UsageError(format!(
+        "the run directory {} already exists and is not empty; choose another --run-dir (nothing was written)",
+        dir.display()
+    ))
+    .into()
+}
+
+/// Creates `dir` (and its parents); says whether this call made `dir` itself.
+fn create_dir(dir: &Path) -> Result<bool> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating the run directory {}", dir.display()))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("creating the run directory {}", dir.display())),
+    }
+}
+
+/// A new `runs/<name>-<time>` directory, made by this call (two runs started in the same second
+/// get different ones), and its lock.
+fn claim_fresh(name: &str) -> Result<(PathBuf, RunLock)> {
+    loop {
+        let dir = fresh_default(name);
+        if create_dir(&dir)? {
+            return Ok((dir.clone(), RunLock::acquire(&dir)?));
+        }
+    }
+}
+
+/// Whether `dir` holds anything but its lock file (a file in its place counts as content).
 fn is_nonempty(dir: &Path) -> Result<bool> {
     if !dir.exists() {
         return Ok(false);
@@ -36,9 +83,14 @@ fn is_nonempty(dir: &Path) -> Result<bool> {
     if !dir.is_dir() {
         return Ok(true);
     }
-    let mut entries =
-        std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    Ok(entries.next().is_some())
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        if entry.file_name() != LOCK_FILE {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A new run directory name: `runs/<name>-<UTC date-time>` (with a suffix if taken).
@@ -132,8 +184,15 @@ mod tests {
         std::fs::write(tmp.path().join("metrics.jsonl"), "{}").unwrap();
         let err = prepare(Some(tmp.path().to_owned()), "x").unwrap_err();
         assert!(err.downcast_ref::<UsageError>().is_some());
+        assert!(!tmp.path().join(LOCK_FILE).exists(), "nothing written");
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert_eq!(prepare(Some(empty.clone()), "x").unwrap(), empty);
+        let (dir, lock) = prepare(Some(empty.clone()), "x").unwrap();
+        assert_eq!(dir, empty);
+        // Held: a second run given the same directory is refused, and writes nothing.
+        let err = prepare(Some(empty.clone()), "x").unwrap_err();
+        assert!(format!("{err:#}").contains("is in use by"), "{err:#}");
+        drop(lock);
+        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::run_lock::RunLock;
 use super::{nccl_ids, render_op_times, run_dir, TrainArgs};
 use crate::backend::cuda::CudaBackend;
 use crate::checkpoint::{self, Checkpoint};
@@ -74,7 +75,8 @@ pub(super) fn train_command(args: TrainArgs) -> Result<()> {
             // The device is opened before the run directory exists: a missing GPU leaves nothing.
             let device = train::device::resolve(job.cfg.device)?;
             train::admission::admit(&job.cfg, &device, Sharing::local(&job.cfg))?;
-            let dir = make_run_dir(&job)?;
+            // Held until the run ends: no other writer gets the directory meanwhile.
+            let (dir, _locks) = make_run_dir(&job)?;
             train::install_stop_signals()?;
             let s = train::train_on(&device, &job.cfg, &dir, &job.start, &faults_of(&job))?;
             report(&s, &dir)
@@ -97,13 +99,16 @@ fn faults_of(job: &Job) -> train::Faults {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct JobPayload {
     run_dir: PathBuf,
+    /// The job's writer tag, which names its checkpoints' staging directories.
+    writer: String,
     /// NCCL unique ids by communicator (see [`nccl_ids::comm_key`]), when the ranks run on GPUs.
     nccl_ids: Option<BTreeMap<String, Vec<u8>>>,
 }
 
-/// This process is one rank of a multi-process job: rank 0 makes the run directory (and, on GPUs,
-/// draws an NCCL id per communicator) and hands them to the others at the rendezvous; every rank
-/// then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
+/// This process is one rank of a multi-process job: rank 0 makes the run directory, holding its
+/// lock for the job's life (the other ranks, maybe on other hosts, never touch the lock), draws the
+/// job's writer tag (and, on GPUs, an NCCL id per communicator) and hands them to the others at the
+/// rendezvous; every rank then trains its shard, over NCCL on GPUs, over the TCP mesh on the CPU.
 fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Result<()> {
     // First: a bad token file is bad input found before anything is written.
     let key = crate::launch::token::for_rank(token_file, env.rank)?;
@@ -117,16 +122,23 @@ fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Resu
     let plan = ShardPlan::new(&job.cfg.parallel);
     // NCCL needs real GPUs; ranks of a multi-process job on the simulated GPU go over TCP.
     let gpu = device.is_real_gpu();
-    let payload = if env.rank == 0 {
+    // Rank 0 holds the run directory's lock until the job ends.
+    let (payload, _locks) = if env.rank == 0 {
         let nccl_ids = if gpu {
             Some(nccl_ids::draw_ids(&plan, nccl::new_unique_id)?)
         } else {
             None
         };
-        let run_dir = make_run_dir(job)?;
-        serde_json::to_vec(&JobPayload { run_dir, nccl_ids })?
+        let (run_dir, locks) = make_run_dir(job)?;
+        let writer = checkpoint::staging::writer_tag();
+        let payload = JobPayload {
+            run_dir,
+            writer,
+            nccl_ids,
+        };
+        (serde_json::to_vec(&payload)?, locks)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let joined = crate::launch::join(env, key.as_ref(), &payload, timeout)?;
     let payload: JobPayload = serde_json::from_slice(&joined.payload)
@@ -154,9 +166,18 @@ fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Resu
                 shard,
                 replica,
             };
-            train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms)?
+            let writer = &payload.writer;
+            train::train_rank(be, rank, &job.cfg, &dir, &job.start, &faults, comms, writer)?
         }
-        _ => train::train_process(&device, &job.cfg, &dir, &job.start, &faults, &joined.world)?,
+        _ => train::train_process(
+            &device,
+            &job.cfg,
+            &dir,
+            &job.start,
+            &faults,
+            &joined.world,
+            &payload.writer,
+        )?,
     };
     match summary {
         Some(s) => report(&s, &dir),
@@ -276,14 +297,13 @@ fn same_dir(a: &Path, b: &Path) -> bool {
         .is_some_and(|a| std::fs::canonicalize(b).ok() == Some(a))
 }
 
-/// Creates (or, resuming in place, prepares) the run directory; the only step that writes.
-fn make_run_dir(job: &Job) -> Result<PathBuf> {
-    let dir = match &job.dir {
-        RunDir::New { explicit, name } => {
-            let d = run_dir::prepare(explicit.clone(), name)?;
-            std::fs::write(d.join(CONFIG_FILE), job.cfg.to_yaml())?;
-            d
-        }
+/// Creates (or, resuming in place, prepares) the run directory; the only step that writes. It is
+/// claimed first (see [`claim_run_dir`]); under its lock, what writers that died left unfinished
+/// is removed once every input has been checked. The locks are held until dropped.
+fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
+    let (dir, locks) = claim_run_dir(job)?;
+    match &job.dir {
+        RunDir::New { .. } => std::fs::write(dir.join(CONFIG_FILE), job.cfg.to_yaml())?,
         RunDir::InPlace(d) => {
             let ckpt = job
                 .resume
@@ -296,9 +316,9 @@ fn make_run_dir(job: &Job) -> Result<PathBuf> {
             let resumed = d.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
             std::fs::write(&resumed, job.cfg.to_yaml())
                 .with_context(|| format!("writing {}", resumed.display()))?;
-            d.clone()
         }
-    };
+    }
+    checkpoint::staging::sweep_debris(&dir, &train::checkpoint_root(&job.cfg, &dir))?;
     match &job.resume {
         Some(ckpt) => println!(
             "resuming {} (step {}) in {}",
@@ -308,7 +328,44 @@ fn make_run_dir(job: &Job) -> Result<PathBuf> {
         ),
         None => println!("run directory: {}", dir.display()),
     }
-    Ok(dir)
+    Ok((dir, locks))
+}
+
+/// The run directory, created if new, and locked before anything in it is created or changed
+/// (a second writer is refused, exit 2, having written nothing). An outside `checkpoint.dir` is
+/// locked too, first: two runs writing checkpoints into one directory clash as two writers of one
+/// run would.
+fn claim_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
+    let mut locks = Vec::new();
+    let own_dir = match &job.dir {
+        RunDir::New { explicit, .. } => explicit.as_deref(),
+        RunDir::InPlace(d) => Some(d.as_path()),
+    };
+    let ckpt_dir = Path::new(&job.cfg.checkpoint.dir);
+    let outside =
+        !job.cfg.checkpoint.dir.is_empty() && !own_dir.is_some_and(|d| is_inside(ckpt_dir, d));
+    if outside {
+        std::fs::create_dir_all(ckpt_dir)
+            .with_context(|| format!("creating the checkpoint directory {}", ckpt_dir.display()))?;
+        locks.push(RunLock::acquire_named(ckpt_dir, "checkpoint directory")?);
+    }
+    let (dir, lock) = match &job.dir {
+        RunDir::New { explicit, name } => run_dir::prepare(explicit.clone(), name)?,
+        RunDir::InPlace(d) => (d.clone(), RunLock::acquire(d)?),
+    };
+    locks.push(lock);
+    Ok((dir, locks))
+}
+
+/// Whether `inner` is `outer` or lies under it (through symbolic links too, where both exist).
+fn is_inside(inner: &Path, outer: &Path) -> bool {
+    match (std::fs::canonicalize(inner), std::fs::canonicalize(outer)) {
+        (Ok(i), Ok(o)) => i.starts_with(o),
+        _ => match (std::path::absolute(inner), std::path::absolute(outer)) {
+            (Ok(i), Ok(o)) => i.starts_with(o),
+            _ => inner.starts_with(outer),
+        },
+    }
 }
 
 /// A run continued in place no longer ends with the weights it ended with before: its earlier

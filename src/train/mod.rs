@@ -29,6 +29,7 @@ use serde::Serialize;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, OpTime};
+use crate::checkpoint::staging::writer_tag;
 use crate::checkpoint::Checkpoint;
 use crate::comm::local::{run_ranks, LocalComm, LocalWorld};
 use crate::comm::tcp::TcpWorld;
@@ -115,8 +116,9 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Faults for tests of whole jobs, from `SHARDTRAIN_FAULT` (`fail:RANK:STEP` or
-    /// `hang:RANK:STEP`): only for tests of the launcher, which cannot reach into its processes.
+    /// Faults for tests of whole jobs, from `SHARDTRAIN_FAULT` (`fail:RANK:STEP`,
+    /// `hang:RANK:STEP`, or `ckpt:RANK:STEP`: a failure in the middle of that step's save): only
+    /// for tests of the binary and the launcher, which cannot reach into their processes.
     pub fn from_env() -> Faults {
         let Ok(spec) = std::env::var("SHARDTRAIN_FAULT") else {
             return Faults::default();
@@ -139,8 +141,14 @@ impl Faults {
                 hang_rank_at_step: Some(rs),
                 ..Faults::default()
             },
+            Some(("ckpt", rs)) => Faults {
+                fail_in_checkpoint_at_step: Some(rs),
+                ..Faults::default()
+            },
             _ => {
-                tracing::warn!("ignoring SHARDTRAIN_FAULT={spec:?} (expected fail|hang:RANK:STEP)");
+                tracing::warn!(
+                    "ignoring SHARDTRAIN_FAULT={spec:?} (expected fail|hang|ckpt:RANK:STEP)"
+                );
                 Faults::default()
             }
         }
@@ -282,6 +290,8 @@ pub fn train_instrumented(
         Duration::from_secs_f64(cfg.parallel.collective_timeout_s),
     );
     let comms = rank_comms(&world, &plan);
+    // The ranks are threads of this one writer: one tag for all of them.
+    let writer = writer_tag();
     let results = run_ranks(&world, |rank, _| {
         let comms = comms[rank]
             .lock()
@@ -297,6 +307,7 @@ pub fn train_instrumented(
                 plan.clone(),
                 comms,
                 start,
+                &writer,
             )?
             .instrument(instruments)
             .run(faults),
@@ -308,6 +319,7 @@ pub fn train_instrumented(
                 plan.clone(),
                 comms,
                 start,
+                &writer,
             )?
             .instrument(instruments)
             .run(faults),
@@ -322,7 +334,8 @@ pub fn train_instrumented(
 
 /// This process's rank of a multi-process job (`shardtrain launch`, torchrun, srun, mpirun) over
 /// the TCP mesh `world`; returns the summary on rank 0. The device is this process's own (the CPU,
-/// or its local GPU, then with data staged through the host: NCCL is the GPU transport).
+/// or its local GPU, then with data staged through the host: NCCL is the GPU transport). `writer`
+/// is the job's writer tag (see [`crate::checkpoint::staging`]), the same in every process.
 pub fn train_process(
     device: &Device,
     cfg: &Config,
@@ -330,6 +343,7 @@ pub fn train_process(
     start: &Start,
     faults: &Faults,
     world: &Arc<TcpWorld>,
+    writer: &str,
 ) -> Result<Option<TrainSummary>> {
     let plan = ShardPlan::new(&cfg.parallel);
     let rank = world.rank();
@@ -354,6 +368,7 @@ pub fn train_process(
             start,
             faults,
             comms,
+            writer,
         ),
         Device::Cuda(gpu) => train_rank(
             CudaBackend::new(gpu)?,
@@ -363,6 +378,7 @@ pub fn train_process(
             start,
             faults,
             comms,
+            writer,
         ),
     }
 }
@@ -392,6 +408,7 @@ pub fn evaluate(device: &Device, cfg: &Config, start: Start, run_dir: &Path) -> 
             plan,
             comms,
             &start,
+            &writer_tag(),
         )?
         .evaluate_only(),
         Device::Cuda(gpu) => RankTrainer::new(
@@ -402,13 +419,15 @@ pub fn evaluate(device: &Device, cfg: &Config, start: Start, run_dir: &Path) -> 
             plan,
             comms,
             &start,
+            &writer_tag(),
         )?
         .evaluate_only(),
     }
 }
 
 /// One rank's training with the backend and communicators given (the building block of every
-/// way ranks are run); returns the summary on rank 0.
+/// way ranks are run); returns the summary on rank 0. `writer` is the job's writer tag, the same
+/// on every rank (see [`crate::checkpoint::staging`]).
 pub fn train_rank<B: Backend, C: Communicator>(
     be: B,
     rank: usize,
@@ -417,9 +436,10 @@ pub fn train_rank<B: Backend, C: Communicator>(
     start: &Start,
     faults: &Faults,
     comms: RankComms<C>,
+    writer: &str,
 ) -> Result<Option<TrainSummary>> {
     let plan = ShardPlan::new(&cfg.parallel);
-    RankTrainer::new(be, rank, cfg, run_dir, plan, comms, start)?.run(faults)
+    RankTrainer::new(be, rank, cfg, run_dir, plan, comms, start, writer)?.run(faults)
 }
 
 /// Every rank's communicators: the whole world, its shard group, its replica group.

@@ -20,7 +20,8 @@ use super::{
 use crate::backend::{Backend, Buffer, DType};
 use crate::checkpoint::meta::UnitMeta;
 use crate::checkpoint::meta::{Piece, FORMAT};
-use crate::checkpoint::write::{commit, prepare_staging, staging_dir, write_rank_file, RankState};
+use crate::checkpoint::staging::{discard, staging_dir};
+use crate::checkpoint::write::{commit, prepare_staging, write_rank_file, RankState};
 use crate::checkpoint::CheckpointMeta;
 use crate::comm::{Communicator, ReduceOp};
 use crate::config::Config;
@@ -54,6 +55,8 @@ pub(super) struct RankTrainer<'a, B: Backend, C: Communicator> {
     phases: Option<PhaseTimer<B>>,
     /// No console progress (`Instruments::quiet`).
     quiet: bool,
+    /// The job's writer tag, the same on every rank: it names the staging directory of each save.
+    writer: String,
 }
 
 impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
@@ -65,6 +68,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         plan: ShardPlan,
         comms: RankComms<C>,
         start: &Start,
+        writer: &str,
     ) -> Result<Self> {
         let layout = ParamLayout::gpt(gpt_shape(cfg), cfg.model.init_std);
         let dtype = plan.param_dtype;
@@ -138,6 +142,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             run_dir,
             phases: None,
             quiet: false,
+            writer: writer.to_string(),
         })
     }
 
@@ -311,14 +316,27 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
     }
 
     /// Writes the checkpoint of `step` with every rank (see `checkpoint::write` for the protocol);
-    /// returns its directory.
+    /// returns its directory. A save that fails leaves nothing: rank 0 removes its staging.
     fn save_checkpoint(&self, step: u64, faults: &Faults) -> Result<std::path::PathBuf> {
+        let root = checkpoint_root(self.cfg, self.run_dir);
+        let saved = self.write_checkpoint(&root, step, faults);
+        if saved.is_err() && self.rank == 0 {
+            discard(&staging_dir(&root, step, &self.writer));
+        }
+        saved
+    }
+
+    fn write_checkpoint(
+        &self,
+        root: &Path,
+        step: u64,
+        faults: &Faults,
+    ) -> Result<std::path::PathBuf> {
         let cfg = self.cfg;
         let plan = self.units.plan();
         let world = &self.units.comms().world;
-        let root = checkpoint_root(cfg, self.run_dir);
         if self.rank == 0 {
-            prepare_staging(&root, step)?;
+            prepare_staging(root, step, &self.writer)?;
         }
         world.barrier()?;
         // One copy of each shard: the first rank of each replica group writes it.
@@ -351,7 +369,7 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                 rank: self.rank,
                 pieces,
             };
-            write_rank_file(&staging_dir(&root, step), &state)?;
+            write_rank_file(&staging_dir(root, step, &self.writer), &state)?;
         }
         if faults.fail_in_checkpoint_at_step == Some((self.rank, step)) {
             bail!("injected failure while writing the checkpoint of step {step}");
@@ -390,8 +408,9 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
             };
             let writers: Vec<usize> = (0..self.world_size()).filter(|&r| writes(r)).collect();
             commit(
-                &root,
+                root,
                 step,
+                &self.writer,
                 meta,
                 &writers,
                 cfg.checkpoint.keep_last as usize,
