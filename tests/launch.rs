@@ -192,7 +192,11 @@ fn a_hung_rank_trips_the_collective_timeout_and_ends_the_job() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("rank 1 sent nothing within 2s"), "{stderr}");
-    assert!(stderr.contains("launch: rank 0 failed"), "{stderr}");
+    // The hung rank is the one named, on its victim's report (it never exits on its own).
+    assert!(
+        stderr.contains("launch: rank 1 failed (rank 0 failed because of it (exit status 3)"),
+        "{stderr}"
+    );
     assert!(
         start.elapsed() < Duration::from_secs(20),
         "{:?}",

@@ -251,7 +251,8 @@ pub fn main() -> ExitCode {
             {
                 ExitCode::from(2)
             } else if err.chain().any(|e| e.is::<crate::comm::PeerFailed>()) {
-                // Another rank failed first: say so to the launcher.
+                // Another rank failed first: say so to the launcher, and which.
+                crate::launch::status::report_peer_failure(&err);
                 ExitCode::from(crate::comm::PeerFailed::EXIT_CODE)
             } else {
                 ExitCode::FAILURE

@@ -1,8 +1,11 @@
 //! Multi-process jobs: where a process learns its rank (`env`), the secret the ranks of a job
 //! share (`token`), how the ranks find each other ([`join`]: the rendezvous, then the TCP mesh,
-//! both authenticated with the token), and `shardtrain launch` (`supervise`).
+//! both authenticated with the token), and `shardtrain launch` (`supervise`), whose ranks end
+//! with it (`parent`) and tell it which rank made them fail (`status`).
 
 pub mod env;
+pub mod parent;
+pub mod status;
 pub mod supervise;
 pub mod token;
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::status::{Blame, StatusDir};
 use crate::checkpoint::read::list_checkpoints;
 use crate::comm::PeerFailed;
 use crate::error::UsageError;
@@ -43,8 +44,8 @@ pub struct LaunchOptions {
 #[derive(Debug)]
 enum Outcome {
     Success,
-    /// A rank ended abnormally: (rank, how).
-    RankFailed(usize, String),
+    /// A rank ended abnormally: (rank, how, whether it refused its input with exit status 2).
+    RankFailed(usize, String, bool),
     /// The user asked to stop (signals).
     Interrupted(u32),
 }
@@ -215,17 +216,29 @@ pub fn launch(opts: &LaunchOptions) -> Result<i32> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     );
+    // Where ranks that fail because of another say which (see `super::status`).
+    let status = StatusDir::create().context("creating the launcher's status directory")?;
     let mut attempt = 0;
     // The device slot (GPU ordinal) of each local rank; a restart may drop the failed one.
     let mut slots: Vec<usize> = (0..opts.nproc_per_node).collect();
     loop {
-        match run_attempt(opts, &slots, &command, &run_id, attempt, &signals)? {
+        status.clear();
+        match run_attempt(opts, &slots, &command, &run_id, attempt, &signals, &status)? {
             Outcome::Success => return Ok(0),
             Outcome::Interrupted(n) => {
                 return Ok(if n > 1 { 130 } else { 0 });
             }
-            Outcome::RankFailed(rank, how) => {
+            Outcome::RankFailed(rank, how, refused) => {
                 eprintln!("launch: rank {rank} failed ({how}); the other ranks were stopped");
+                if refused {
+                    // Bad input (a config error, a run directory another job holds): starting
+                    // again would be refused again, and setting the run directory aside for a
+                    // fresh start would take it from the job that holds it.
+                    if attempt < opts.max_restarts {
+                        eprintln!("launch: not restarting: rank {rank} was refused its input");
+                    }
+                    return Ok(2);
+                }
                 if attempt >= opts.max_restarts {
                     if opts.max_restarts > 0 {
                         eprintln!("launch: no restarts left ({} used)", opts.max_restarts);
@@ -274,6 +287,7 @@ fn run_attempt(
     run_id: &str,
     attempt: usize,
     signals: &AtomicUsize,
+    status: &StatusDir,
 ) -> Result<Outcome> {
     let exe = std::env::current_exe().context("finding the shardtrain executable")?;
     let nproc = slots.len();
@@ -296,6 +310,7 @@ fn run_attempt(
             .env("MASTER_ADDR", &opts.master_addr)
             .env("MASTER_PORT", opts.master_port.to_string())
             .env("SHARDTRAIN_RUN_ID", format!("{run_id}-{attempt}"))
+            .env(super::status::DIR_VAR, status.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -303,6 +318,8 @@ fn run_attempt(
         if let Some(token) = &token {
             cmd.env(super::token::ENV_VAR, token);
         }
+        // Spawned from this (the main) thread, which lives as long as the job.
+        super::parent::tie_to_launcher(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
@@ -315,8 +332,10 @@ fn run_attempt(
         children.push((rank, child));
     }
     let mut forwarded = 0;
-    // Every rank that ended abnormally, in the order seen: (rank, status, after our own signal).
-    let mut failures: Vec<(usize, ExitStatus, bool)> = Vec::new();
+    // Every rank that ended abnormally, in the order seen.
+    let mut failures: Vec<Failure> = Vec::new();
+    // Ranks found stopped (SIGSTOP, a debugger) once the job was failing.
+    let mut stopped: Vec<bool> = vec![false; children.len()];
     // After a failure: when the survivors get SIGKILL, and whether they had their SIGTERM.
     let mut stopping: Option<(Instant, bool)> = None;
     let mut running: Vec<bool> = vec![true; children.len()];
@@ -349,10 +368,25 @@ fn run_attempt(
                     // Killed by a signal we sent: a consequence, not a cause.
                     let ours = status.signal().is_some()
                         && (forwarded > 0 || stopping.is_some_and(|(_, termed)| termed));
-                    failures.push((*rank, status, ours));
+                    failures.push(Failure {
+                        rank: *rank,
+                        status,
+                        after_our_signal: ours,
+                        was_stopped: stopped[i],
+                    });
                     if stopping.is_none() {
                         stopping = Some((Instant::now() + opts.grace, false));
                     }
+                }
+            }
+        }
+        if stopping.is_some() {
+            // A stopped rank cannot act on SIGTERM and would hold the job for the whole grace
+            // period; it is also, most likely, why the others failed.
+            for (i, (_, c)) in children.iter().enumerate() {
+                if running[i] && !stopped[i] && is_stopped(c.id()) {
+                    stopped[i] = true;
+                    send_signal(c, libc::SIGKILL);
                 }
             }
         }
@@ -373,28 +407,165 @@ fn run_attempt(
     }
     // Let the relay threads print the last lines.
     std::thread::sleep(Duration::from_millis(100));
-    Ok(match root_cause(&failures) {
+    let reports: Vec<Blame> = failures
+        .iter()
+        .filter_map(|f| status.read(f.rank))
+        .collect();
+    Ok(match root_cause(&failures, &reports) {
         Some(_) if forwarded > 1 => Outcome::Interrupted(forwarded as u32),
-        Some((rank, how)) => Outcome::RankFailed(rank, how),
+        Some((rank, how)) => {
+            let refused = failures
+                .iter()
+                .any(|f| f.rank == rank && !f.after_our_signal && f.status.code() == Some(2));
+            Outcome::RankFailed(rank, how, refused)
+        }
         None if forwarded > 0 => Outcome::Interrupted(forwarded as u32),
         None => Outcome::Success,
     })
 }
 
-/// The rank to blame among those that ended abnormally: the first that failed on its own (not
-/// with [`PeerFailed::EXIT_CODE`], "another rank failed", and not after our own stop signal);
-/// else the first one seen.
-fn root_cause(failures: &[(usize, ExitStatus, bool)]) -> Option<(usize, String)> {
-    let own = failures.iter().find(|(_, status, after_signal)| {
-        !after_signal && status.code() != Some(i32::from(PeerFailed::EXIT_CODE))
+/// One rank that ended abnormally.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    rank: usize,
+    status: ExitStatus,
+    /// Killed by a signal the launcher sent: a consequence, not a cause.
+    after_our_signal: bool,
+    /// Found stopped (and then killed) while the job was failing.
+    was_stopped: bool,
+}
+
+/// Whether process `pid` is stopped (state `T`, or `t` under a tracer), from `/proc/PID/stat`.
+fn is_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) state ...`: comm may hold spaces and parentheses, the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "T" || state == "t")
+}
+
+/// The rank to blame among those that ended abnormally, and how:
+/// 1. the first that failed on its own (not with [`PeerFailed::EXIT_CODE`], "another rank
+///    failed", not after the launcher's own stop signal);
+/// 2. else the first found stopped, which could not answer its peers;
+/// 3. else the rank a victim's report (`super::status`) blames: a rank stuck in a loop, or one
+///    on another node;
+/// 4. else the first one seen.
+fn root_cause(failures: &[Failure], reports: &[Blame]) -> Option<(usize, String)> {
+    let report_on = |rank: usize| {
+        reports
+            .iter()
+            .find(|r| r.blames == rank && r.rank != rank)
+            .map(|r| format!("rank {} reports: {}", r.rank, r.reason))
+    };
+    let own = failures.iter().find(|f| {
+        !f.after_our_signal
+            && !f.was_stopped
+            && f.status.code() != Some(i32::from(PeerFailed::EXIT_CODE))
     });
-    own.or(failures.first())
-        .map(|(rank, status, _)| (*rank, describe(*status)))
+    if let Some(f) = own {
+        return Some((f.rank, describe(f.status)));
+    }
+    if let Some(f) = failures.iter().find(|f| f.was_stopped) {
+        let mut how =
+            "it was stopped (SIGSTOP or a debugger) and could not answer; killed".to_string();
+        if let Some(report) = report_on(f.rank) {
+            how = format!("{how}; {report}");
+        }
+        return Some((f.rank, how));
+    }
+    if let Some(r) = reports.iter().find(|r| r.blames != r.rank) {
+        let victim = failures.iter().find(|f| f.rank == r.rank);
+        let how = match victim {
+            Some(v) => format!(
+                "rank {} failed because of it ({}): {}",
+                r.rank,
+                describe(v.status),
+                r.reason
+            ),
+            None => format!("rank {} reports: {}", r.rank, r.reason),
+        };
+        return Some((r.blames, how));
+    }
+    failures.first().map(|f| (f.rank, describe(f.status)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exited(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn failure(rank: usize, status: ExitStatus, after_our_signal: bool) -> Failure {
+        Failure {
+            rank,
+            status,
+            after_our_signal,
+            was_stopped: false,
+        }
+    }
+
+    fn blame(rank: usize, blames: usize) -> Blame {
+        Blame {
+            rank,
+            blames,
+            reason: format!("all_reduce: rank {blames} sent nothing within 2s"),
+        }
+    }
+
+    #[test]
+    fn the_cause_is_who_failed_on_its_own_then_who_was_stopped_then_who_is_blamed() {
+        let victim = failure(0, exited(3), false);
+        let killed = failure(1, ExitStatus::from_raw(libc::SIGKILL), true);
+        // A rank that failed on its own is the cause, whatever the others report.
+        let own = failure(2, exited(1), false);
+        let (rank, how) = root_cause(&[victim, own, killed], &[blame(0, 1)]).unwrap();
+        assert_eq!((rank, how.as_str()), (2, "exit status 1"));
+        // A rank found stopped is the cause, with its victim's account.
+        let stopped = Failure {
+            was_stopped: true,
+            ..killed
+        };
+        let (rank, how) = root_cause(&[victim, stopped], &[blame(0, 1)]).unwrap();
+        assert_eq!(rank, 1);
+        assert!(how.starts_with("it was stopped"), "{how}");
+        assert!(
+            how.contains("rank 0 reports: all_reduce: rank 1 sent nothing"),
+            "{how}"
+        );
+        // A rank stuck in a loop, killed by the launcher, is named by its victim's report...
+        let (rank, how) = root_cause(&[victim, killed], &[blame(0, 1)]).unwrap();
+        assert_eq!(rank, 1);
+        assert!(
+            how.starts_with("rank 0 failed because of it (exit status 3)"),
+            "{how}"
+        );
+        // ...also when it runs on another node, out of this launcher's sight.
+        let (rank, _) = root_cause(&[victim], &[blame(0, 7)]).unwrap();
+        assert_eq!(rank, 7);
+        // With nothing to go on, the first rank seen; with no failure, none.
+        assert_eq!(root_cause(&[victim, killed], &[]).unwrap().0, 0);
+        assert_eq!(root_cause(&[], &[]), None);
+    }
+
+    #[test]
+    fn a_stopped_process_is_seen_as_stopped() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!is_stopped(child.id()));
+        send_signal(&child, libc::SIGSTOP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_stopped(child.id()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(is_stopped(child.id()));
+        send_signal(&child, libc::SIGKILL);
+        child.wait().unwrap();
+        assert!(!is_stopped(child.id()));
+    }
 
     fn v(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| s.to_string()).collect()
