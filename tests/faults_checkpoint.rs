@@ -284,9 +284,10 @@ fn ckpt_inspect_refuses_every_checkpoint_that_cannot_load() {
         ),
         (
             "empty-piece",
+            // An extra piece holding nothing, beside the real ones.
             Box::new(|m| {
-                let start = m["files"][0]["pieces"][0]["start"].clone();
-                m["files"][0]["pieces"][0]["end"] = start;
+                let pieces = m["files"][0]["pieces"].as_array_mut().unwrap();
+                pieces.push(json!({"unit": 0, "start": 5, "end": 5}));
             }),
             &["`pieces`", "non-empty"],
         ),

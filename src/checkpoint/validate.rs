@@ -44,7 +44,7 @@ impl Checkpoint {
         if m.format != FORMAT {
             return Err(self.bad(
                 "format",
-                format!("`{}`, this shardtrain reads `{FORMAT}`", m.format),
+                format!("format `{}`, this shardtrain reads `{FORMAT}`", m.format),
             ));
         }
         if !(1..=MAX_WORLD_SIZE).contains(&m.world_size) {
@@ -53,7 +53,7 @@ impl Checkpoint {
                 format!("{} is outside 1..={MAX_WORLD_SIZE}", m.world_size),
             ));
         }
-        if m.shard_group_size == 0 || m.world_size % m.shard_group_size != 0 {
+        if m.shard_group_size == 0 || !m.world_size.is_multiple_of(m.shard_group_size) {
             return Err(self.bad(
                 "shard_group_size",
                 format!(

@@ -120,16 +120,20 @@ pub fn latest_checkpoint(root: &Path) -> Result<Checkpoint> {
         eprintln!("--resume latest: skipping {}: {reason}", dir.display());
         skipped.push(dir.display().to_string());
     }
-    let skipped = if skipped.is_empty() {
-        String::new()
+    let message = if skipped.is_empty() {
+        format!(
+            "--resume latest: no checkpoint in {} or the run directories under it",
+            root.display()
+        )
     } else {
-        format!(" (skipped, as said above: {})", skipped.join(", "))
+        format!(
+            "--resume latest: no valid checkpoint in {} or the run directories under it \
+             (skipped, as said above: {})",
+            root.display(),
+            skipped.join(", ")
+        )
     };
-    Err(UsageError(format!(
-        "--resume latest: no valid checkpoint in {} or the run directories under it{skipped}",
-        root.display()
-    ))
-    .into())
+    Err(UsageError(message).into())
 }
 
 #[cfg(test)]

@@ -215,6 +215,8 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
         .display()
         .to_string();
     let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, overrides)?;
+    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+    ckpt.check_layout(&layout)?;
     refuse_model_change(&ckpt, &saved, &cfg)?;
     if args.print_config {
         print!("{}", cfg.to_yaml());
@@ -224,8 +226,6 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
         print!("{}", train::describe_plan(&cfg));
         return Ok(None);
     }
-    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
-    ckpt.check_layout(&layout)?;
     if ckpt.meta.step >= cfg.train.max_steps {
         return Err(UsageError(format!(
             "{} is at step {}, train.max_steps is {}: nothing to do (raise it with --set train.max_steps=N)",
