@@ -72,6 +72,13 @@ pub struct CheckpointMeta {
     /// Position of the training data stream after `step` steps.
     pub data_position: serde_json::Value,
     pub files: Vec<FileMeta>,
+    /// The id of the run that wrote it (`RUN/run-id`, see `binding`). Checkpoints written
+    /// before ids existed lack it (and the fingerprint): they are read with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// The fingerprint of the model it holds (see `binding::model_fingerprint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
 }
 
 /// The name of the checkpoint directory for `step`.

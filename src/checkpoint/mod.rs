@@ -7,10 +7,12 @@
 //! for the pieces of each unit that rank owns. The training loop drives the save protocol (see
 //! `write`) and reads its own ranges back on resume (see `read`).
 
+pub mod binding;
 pub mod hf;
 pub mod meta;
 pub mod read;
 pub mod staging;
+pub mod validate;
 pub mod write;
 
 use std::fmt::Write as _;
@@ -21,13 +23,23 @@ use anyhow::Result;
 pub use meta::CheckpointMeta;
 pub use read::Checkpoint;
 
-/// `shardtrain ckpt inspect`: what a checkpoint holds, every file's checksum verified.
+/// `shardtrain ckpt inspect`: what a checkpoint holds, after exactly the validation a resume runs
+/// (the whole checkpoint, then its data position against the data it continues).
 pub fn inspect(path: &Path) -> Result<String> {
     let ckpt = Checkpoint::resolve(path)?;
-    ckpt.verify_all()?;
+    let cfg = ckpt.validate()?;
+    // The data sits where the run that wrote it found it (a text cache beside its run directory).
+    let run_dir = binding::home_run_dir(&ckpt.dir).unwrap_or_else(|| ckpt.dir.clone());
+    ckpt.check_data(&cfg, &run_dir)?;
     let m = &ckpt.meta;
     let mut out = String::new();
-    let _ = writeln!(out, "checkpoint {}", ckpt.dir.display());
+    let _ = writeln!(out, "checkpoint {} (valid)", ckpt.dir.display());
+    let _ = writeln!(
+        out,
+        "run id {} | model fingerprint {}",
+        m.run_id.as_deref().unwrap_or("(not recorded)"),
+        m.model_fingerprint.as_deref().unwrap_or("(not recorded)")
+    );
     let _ = writeln!(
         out,
         "step {} | {} tokens seen | world size {} | {} (shard group {}) | params {}, reduce {} | written by commit {}",

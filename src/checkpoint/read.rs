@@ -1,7 +1,8 @@
 //! Reading checkpoints: finding the newest complete one, checking that it fits the model, and
 //! reading any range of any unit's state from the rank files that hold it (resharding: a reader's
 //! range may span several files written by another world size). A rank reads only the files that
-//! overlap its own ranges, each verified against its size and CRC-32 before use.
+//! overlap its own ranges, each verified against its size and CRC-32 before use. Opening a
+//! checkpoint validates it in full first (`validate`).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -11,7 +12,8 @@ use anyhow::{Context, Result};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
-use super::meta::{tensor_names, CheckpointMeta, FORMAT, META_FILE};
+use super::meta::{tensor_names, CheckpointMeta, META_FILE};
+use super::validate::damaged;
 use crate::error::UsageError;
 use crate::model::ParamLayout;
 
@@ -73,80 +75,29 @@ impl Checkpoint {
         .into())
     }
 
-    /// Opens the checkpoint directory `dir`, checking its metadata and that its files are there
-    /// and together hold every element of every unit.
+    /// Opens the checkpoint directory `dir` and validates all of it (see `validate`): nothing
+    /// is used from a checkpoint that has not passed.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let ckpt = Checkpoint::read_meta(dir)?;
+        ckpt.validate()?;
+        Ok(ckpt)
+    }
+
+    /// Reads and parses `meta.json`, checking nothing else.
+    pub(super) fn read_meta(dir: &Path) -> Result<Checkpoint> {
         let meta_path = dir.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path)
-            .with_context(|| format!("reading {}", meta_path.display()))?;
+            .map_err(|e| damaged(format!("reading {}: {e}", meta_path.display())))?;
         let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| {
             damaged(format!(
                 "{} is not a shardtrain checkpoint's metadata: {e}",
                 meta_path.display()
             ))
         })?;
-        if meta.format != FORMAT {
-            return Err(damaged(format!(
-                "{}: format `{}`, this shardtrain reads `{FORMAT}`",
-                meta_path.display(),
-                meta.format
-            )));
-        }
-        for f in &meta.files {
-            let path = dir.join(&f.file);
-            let len = std::fs::metadata(&path)
-                .map_err(|e| {
-                    damaged(format!(
-                        "rank {}'s file {} is missing: {e}",
-                        f.rank,
-                        path.display()
-                    ))
-                })?
-                .len();
-            if len != f.bytes {
-                return Err(damaged(format!(
-                    "{}: {len} bytes, the checkpoint recorded {} (truncated or replaced)",
-                    path.display(),
-                    f.bytes
-                )));
-            }
-        }
-        let ckpt = Checkpoint {
+        Ok(Checkpoint {
             dir: dir.to_path_buf(),
             meta,
-        };
-        ckpt.check_coverage()?;
-        Ok(ckpt)
-    }
-
-    /// Every unit's `0..numel` is covered by the pieces of the files.
-    fn check_coverage(&self) -> Result<()> {
-        for (u, unit) in self.meta.units.iter().enumerate() {
-            let mut ranges: Vec<Range<usize>> = self
-                .meta
-                .files
-                .iter()
-                .flat_map(|f| f.pieces.iter().filter(|p| p.unit == u).map(|p| p.range()))
-                .collect();
-            ranges.sort_by_key(|r| r.start);
-            let mut covered = 0;
-            for r in ranges {
-                if r.start > covered {
-                    break;
-                }
-                covered = covered.max(r.end);
-            }
-            if covered < unit.numel {
-                return Err(damaged(format!(
-                    "{}: unit `{}` has no data from element {covered} of {} (a rank's file is \
-                     missing from the metadata)",
-                    self.dir.display(),
-                    unit.name,
-                    unit.numel
-                )));
-            }
-        }
-        Ok(())
+        })
     }
 
     /// Fails unless the checkpoint was written for a model with `layout`'s units (a
@@ -215,22 +166,6 @@ impl Checkpoint {
             files: HashMap::new(),
         }
     }
-
-    /// Reads and verifies every file (checksums), for `ckpt inspect`.
-    pub fn verify_all(&self) -> Result<()> {
-        let mut r = self.reader();
-        for i in 0..self.meta.files.len() {
-            r.file(i)?;
-            r.files.clear();
-        }
-        Ok(())
-    }
-}
-
-/// A checkpoint that is damaged or not one of ours is bad input, like a bad config: the user must
-/// choose another (exit 2), as opposed to a run that failed.
-fn damaged(message: String) -> anyhow::Error {
-    UsageError(message).into()
 }
 
 /// Reads ranges of unit state from a checkpoint, loading each rank file at most once.

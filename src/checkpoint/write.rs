@@ -20,7 +20,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::meta::{
     rank_file_name, step_dir_name, tensor_names, CheckpointMeta, FileMeta, Piece, META_FILE,
 };
-use super::read::list_checkpoints;
+use super::read::{list_checkpoints, Checkpoint};
 use super::staging::staging_dir;
 
 /// One rank's share of the training state: per piece, master weights and the two moments.
@@ -139,15 +139,35 @@ pub fn commit(
     std::fs::rename(&staging, &done)
         .with_context(|| format!("renaming {} to {}", staging.display(), done.display()))?;
     sync_dir(root)?;
-    prune(root, keep_last)?;
+    prune(root, keep_last, &meta)?;
     Ok(done)
 }
 
-/// Deletes all but the newest `keep_last` finished checkpoints under `root`.
-fn prune(root: &Path, keep_last: usize) -> Result<()> {
-    let all = list_checkpoints(root)?;
-    let excess = all.len().saturating_sub(keep_last.max(1));
-    for (_, dir) in all.into_iter().take(excess) {
+/// Deletes all but the newest `keep_last` valid checkpoints of the run that wrote `ours` under
+/// `root`. A checkpoint that fails validation, or holds another run or model (copied here), is
+/// neither counted nor deleted: it is reported and left for the user, so a damaged or foreign
+/// newer checkpoint never costs a good one.
+fn prune(root: &Path, keep_last: usize, ours: &CheckpointMeta) -> Result<()> {
+    let mut valid = Vec::new();
+    for (_, dir) in list_checkpoints(root)? {
+        let same_run = |m: &CheckpointMeta| {
+            (m.run_id.is_none() || m.run_id == ours.run_id)
+                && (m.model_fingerprint.is_none() || m.model_fingerprint == ours.model_fingerprint)
+        };
+        match Checkpoint::open(&dir) {
+            Ok(c) if same_run(&c.meta) => valid.push(dir),
+            Ok(_) => tracing::warn!(
+                "{}: a checkpoint of another run or model; pruning neither counts nor deletes it",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "{}: not a valid checkpoint ({e:#}); pruning neither counts nor deletes it",
+                dir.display()
+            ),
+        }
+    }
+    let excess = valid.len().saturating_sub(keep_last.max(1));
+    for dir in valid.into_iter().take(excess) {
         // Strip the metadata first: a deletion interrupted half way leaves a directory no reader
         // takes for a checkpoint.
         std::fs::remove_file(dir.join(META_FILE))

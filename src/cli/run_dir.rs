@@ -7,6 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use super::run_lock::{RunLock, LOCK_FILE};
+use crate::checkpoint::binding::foreign_reason;
+use crate::checkpoint::meta::META_FILE;
+use crate::checkpoint::read::list_checkpoints;
+use crate::checkpoint::Checkpoint;
 use crate::error::UsageError;
 
 /// Creates the run directory and takes its lock (see [`super::run_lock`]), before anything is
@@ -129,14 +133,14 @@ pub fn utc_stamp(t: SystemTime) -> String {
 
 /// The run directory a checkpoint belongs to: `RUN/checkpoints/step-N` gives `RUN`.
 pub fn run_dir_of(checkpoint_dir: &Path) -> Option<PathBuf> {
-    let root = checkpoint_dir.parent()?;
-    (root.file_name()? == "checkpoints").then(|| root.parent().map(Path::to_path_buf))?
+    crate::checkpoint::binding::home_run_dir(checkpoint_dir)
 }
 
-/// `--resume latest`: the most recently written checkpoint in the run directory `root`, or in any
-/// run directory under it (`runs/`).
-pub fn latest_checkpoint(root: &Path) -> Result<crate::checkpoint::Checkpoint> {
-    use crate::checkpoint::read::list_checkpoints;
+/// `--resume latest`: the most recently written *valid* checkpoint in the run directory `root`,
+/// or in any run directory under it (`runs/`). Candidates are tried newest first; each one that
+/// fails validation, or lies in a run it does not belong to (copied from another run), is
+/// skipped with a line on stderr naming it and why.
+pub fn latest_checkpoint(root: &Path) -> Result<Checkpoint> {
     let mut candidates: Vec<(SystemTime, PathBuf)> = Vec::new();
     let mut roots = vec![root.join("checkpoints")];
     if let Ok(entries) = std::fs::read_dir(root) {
@@ -149,20 +153,39 @@ pub fn latest_checkpoint(root: &Path) -> Result<crate::checkpoint::Checkpoint> {
     }
     for r in roots {
         for (_, dir) in list_checkpoints(&r)? {
-            let written = std::fs::metadata(dir.join(crate::checkpoint::meta::META_FILE))
+            let written = std::fs::metadata(dir.join(META_FILE))
                 .and_then(|m| m.modified())
                 .unwrap_or(UNIX_EPOCH);
             candidates.push((written, dir));
         }
     }
-    let Some((_, newest)) = candidates.into_iter().max() else {
-        return Err(UsageError(format!(
+    candidates.sort();
+    let mut skipped = Vec::new();
+    for (_, dir) in candidates.into_iter().rev() {
+        let reason = match Checkpoint::open(&dir).and_then(|c| Ok((c.config(&[])?, c))) {
+            Ok((saved, ckpt)) => match foreign_reason(&ckpt, &saved) {
+                None => return Ok(ckpt),
+                Some(why) => format!("a foreign checkpoint: {why}"),
+            },
+            Err(e) => format!("not valid: {e:#}"),
+        };
+        eprintln!("--resume latest: skipping {}: {reason}", dir.display());
+        skipped.push(dir.display().to_string());
+    }
+    let message = if skipped.is_empty() {
+        format!(
             "--resume latest: no checkpoint in {} or the run directories under it",
             root.display()
-        ))
-        .into());
+        )
+    } else {
+        format!(
+            "--resume latest: no valid checkpoint in {} or the run directories under it \
+             (skipped, as said above: {})",
+            root.display(),
+            skipped.join(", ")
+        )
     };
-    crate::checkpoint::Checkpoint::open(&newest)
+    Err(UsageError(message).into())
 }
 
 #[cfg(test)]

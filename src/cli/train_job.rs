@@ -229,6 +229,7 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
         )
         .into());
     }
+    // Either way the checkpoint has been validated in full (`Checkpoint::open`).
     let ckpt = if resume == "latest" {
         let root = args
             .run_dir
@@ -238,12 +239,16 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
     } else {
         Checkpoint::resolve(Path::new(resume))?
     };
+    let saved = ckpt.config(&[])?;
     let origin = ckpt
         .dir
         .join(checkpoint::meta::META_FILE)
         .display()
         .to_string();
     let cfg = Config::from_yaml_str(&ckpt.meta.config_yaml, &origin, overrides)?;
+    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
+    ckpt.check_layout(&layout)?;
+    refuse_model_change(&ckpt, &saved, &cfg)?;
     if args.print_config {
         print!("{}", cfg.to_yaml());
         return Ok(None);
@@ -252,8 +257,6 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
         print!("{}", train::describe_plan(&cfg));
         return Ok(None);
     }
-    let layout = crate::model::ParamLayout::gpt(train::gpt_shape(&cfg), cfg.model.init_std);
-    ckpt.check_layout(&layout)?;
     if ckpt.meta.step >= cfg.train.max_steps {
         return Err(UsageError(format!(
             "{} is at step {}, train.max_steps is {}: nothing to do (raise it with --set train.max_steps=N)",
@@ -283,6 +286,24 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
             ))
         })?),
     };
+    let data_dir = match &dir {
+        RunDir::InPlace(d) => {
+            // Another run's checkpoint continues only as a new run (--run-dir NEW).
+            if let Some(why) = checkpoint::binding::foreign_reason(&ckpt, &saved) {
+                return Err(UsageError(format!(
+                    "{} does not belong to the run it lies in: {why}; resume it as a new run with                      --run-dir NEW (nothing was written)",
+                    ckpt.dir.display()
+                ))
+                .into());
+            }
+            d.clone()
+        }
+        RunDir::New { explicit, name } => explicit
+            .clone()
+            .unwrap_or_else(|| run_dir::fresh_default(name)),
+    };
+    // The data is the last input a resume reads: checked here, before anything is written.
+    ckpt.check_data(&cfg, &data_dir)?;
     let ckpt = Arc::new(ckpt);
     Ok(Some(Job {
         start: Start::Resume(ckpt.clone()),
@@ -290,6 +311,21 @@ fn resolve_resume(args: &TrainArgs, resume: &str, overrides: &[String]) -> Resul
         dir,
         resume: Some(ckpt),
     }))
+}
+
+/// A resume continues the checkpoint's model: a `--set` of a key that changes what the model
+/// computes (see `checkpoint::binding::fixed_on_resume`) is refused, naming the key.
+fn refuse_model_change(ckpt: &Checkpoint, saved: &Config, wanted: &Config) -> Result<()> {
+    match checkpoint::binding::changed_fixed_key(saved, wanted) {
+        None => Ok(()),
+        Some((key, was, now)) => Err(UsageError(format!(
+            "--set {key}={now}: {} holds a model with {key} {was:?}, and a resume cannot change \
+             the model (model.* stays; train.*, data.*, parallel.*, checkpoint.*, logging.* and \
+             device may change); start a new run for another model (nothing was written)",
+            ckpt.dir.display()
+        ))
+        .into()),
+    }
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -304,19 +340,17 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 fn make_run_dir(job: &Job) -> Result<(PathBuf, Vec<RunLock>)> {
     let (dir, locks) = claim_run_dir(job)?;
     match &job.dir {
-        RunDir::New { .. } => std::fs::write(dir.join(CONFIG_FILE), job.cfg.to_yaml())?,
+        RunDir::New { .. } => {
+            std::fs::write(dir.join(CONFIG_FILE), job.cfg.to_yaml())?;
+            checkpoint::binding::ensure_run_id(&dir)?;
+        }
         RunDir::InPlace(d) => {
             let ckpt = job
                 .resume
                 .as_ref()
                 .expect("only a resumed run continues in place");
-            // Every file is checked before anything in the run directory changes.
-            ckpt.verify_all()?;
-            set_aside_final_weights(d, ckpt.meta.step)?;
-            // The original config.yaml stays; the config this part runs with goes beside it.
-            let resumed = d.join(format!("config.resumed-from-step-{}.yaml", ckpt.meta.step));
-            std::fs::write(&resumed, job.cfg.to_yaml())
-                .with_context(|| format!("writing {}", resumed.display()))?;
+            // Every input was validated in `resolve`; here the run changes, and only here.
+            continue_in_place(d, ckpt, &job.cfg)?;
         }
     }
     checkpoint::staging::sweep_debris(&dir, &train::checkpoint_root(&job.cfg, &dir))?;
@@ -369,16 +403,15 @@ fn is_inside(inner: &Path, outer: &Path) -> bool {
     }
 }
 
-/// A run continued in place no longer ends with the weights it ended with before: its earlier
-/// `model.safetensors` is renamed (never deleted), so that `export` and `sample` do not take it
-/// for the run's newest weights.
-fn set_aside_final_weights(dir: &Path, step: u64) -> Result<()> {
+/// Continues the run in `dir` from `ckpt` with `cfg`: the config this part runs with goes beside
+/// the original `config.yaml` (written whole or not at all: a temporary file renamed), and the
+/// earlier `model.safetensors` is renamed (never deleted), so that `export` and `sample` do not
+/// take it for the run's newest weights. A failure leaves the run as it was.
+fn continue_in_place(dir: &Path, ckpt: &Checkpoint, cfg: &Config) -> Result<()> {
+    let step = ckpt.meta.step;
     let old = dir.join(train::WEIGHTS_FILE);
-    if !old.exists() {
-        return Ok(());
-    }
     let aside = dir.join(format!("model.before-resume-from-step-{step}.safetensors"));
-    if aside.exists() {
+    if old.exists() && aside.exists() {
         return Err(UsageError(format!(
             "{} exists and so does {}: move one of them away before resuming in place",
             old.display(),
@@ -386,13 +419,43 @@ fn set_aside_final_weights(dir: &Path, step: u64) -> Result<()> {
         ))
         .into());
     }
-    std::fs::rename(&old, &aside)
-        .with_context(|| format!("renaming {} to {}", old.display(), aside.display()))?;
-    println!(
-        "the earlier final weights are kept as {} (this run goes on from step {step})",
-        aside.display()
-    );
+    let resumed = free_name(dir, &format!("config.resumed-from-step-{step}"), "yaml");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, cfg.to_yaml().as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", resumed.display()))?;
+    checkpoint::binding::ensure_run_id_as(dir, ckpt.meta.run_id.as_deref())?;
+    if old.exists() {
+        std::fs::rename(&old, &aside)
+            .with_context(|| format!("renaming {} to {}", old.display(), aside.display()))?;
+    }
+    if let Err(e) = tmp.persist_noclobber(&resumed) {
+        // Put the weights back: the run stays as it was.
+        if aside.exists() && !old.exists() {
+            let _ = std::fs::rename(&aside, &old);
+        }
+        return Err(e.error).with_context(|| format!("writing {}", resumed.display()));
+    }
+    if aside.exists() {
+        println!(
+            "the earlier final weights are kept as {} (this run goes on from step {step})",
+            aside.display()
+        );
+    }
     Ok(())
+}
+
+/// `DIR/STEM.EXT`, or `DIR/STEM-2.EXT`, `-3`, ... if taken (a second resume from the same step
+/// keeps the first one's config).
+fn free_name(dir: &Path, stem: &str, ext: &str) -> PathBuf {
+    let mut path = dir.join(format!("{stem}.{ext}"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{stem}-{n}.{ext}"));
+        n += 1;
+    }
+    path
 }
 
 /// Prints the end-of-run summary.

@@ -405,6 +405,12 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                     .collect(),
                 data_position: self.train_data.position(),
                 files: Vec::new(),
+                // Drawn here if the run directory has none yet (a run started from the library).
+                run_id: Some(crate::checkpoint::binding::ensure_run_id(self.run_dir)?),
+                model_fingerprint: Some(crate::checkpoint::binding::model_fingerprint(
+                    cfg,
+                    &self.model.layout,
+                )),
             };
             let writers: Vec<usize> = (0..self.world_size()).filter(|&r| writes(r)).collect();
             commit(
