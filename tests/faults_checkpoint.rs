@@ -253,6 +253,37 @@ fn a_foreign_checkpoint_is_skipped_by_resume_latest_refused_in_place_and_never_c
         "{}",
         out.show()
     );
+    // Resumed from step 4, the run reaches step 5 again: the damaged step-5 is kept aside (never
+    // deleted), the run writes its own, and pruning still keeps the foreign one.
+    let out = shardtrain(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            "latest",
+            "--run-dir",
+            s(&run),
+            "--set",
+            "train.max_steps=6",
+        ],
+    );
+    out.assert_success();
+    let ckpts = names(&run.join("checkpoints"));
+    assert_eq!(ckpts.len(), 4, "{ckpts:?}");
+    assert_eq!(
+        [&ckpts[0], &ckpts[2], &ckpts[3]],
+        ["step-00000005", "step-00000006", "step-00000040"]
+    );
+    assert!(
+        ckpts[1].starts_with("step-00000005.set-aside-"),
+        "{ckpts:?}"
+    );
+    let aside = run.join("checkpoints").join(&ckpts[1]);
+    assert_eq!(
+        std::fs::read(aside.join("rank-00000.safetensors")).unwrap(),
+        bytes
+    );
+    shardtrain(tmp.path(), &["ckpt", "inspect", s(&step_dir(&run, 5))]).assert_success();
 
     // Into a new run directory it is a new run from it.
     let fresh = tmp.path().join("fresh");

@@ -184,6 +184,13 @@ fn a_stopped_rank_is_named_and_the_job_ends_without_waiting_out_the_grace_period
 
 #[test]
 fn ranks_stop_through_their_stop_path_when_the_launcher_is_killed() {
+    // Orphans are handed to the nearest subreaper: this test process, which can then see how
+    // each rank ended.
+    // SAFETY: prctl(2) on this process.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     // No periodic checkpoints: a checkpoint after the kill can only be the stop path's.
@@ -193,13 +200,26 @@ fn ranks_stop_through_their_stop_path_when_the_launcher_is_killed() {
     let killed_at = Instant::now();
     // Nothing of the launcher is left to stop them: only the parent-death signal can. (Their
     // output pipes lost their reader too, but these ranks print nothing while training, so a
-    // write to a broken pipe is not what ends them.)
-    while !job.ranks.iter().all(|&pid| is_gone(pid)) {
+    // write to a broken pipe is not what ends them.) A dying launcher's threads each send it, so
+    // a rank that took the second for "quit at once" would exit 130 without a checkpoint.
+    for &pid in &job.ranks {
+        let status = loop {
+            let mut status = 0;
+            // SAFETY: waitpid(2) on a process reparented to this one.
+            let got = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+            if got == pid as libc::pid_t {
+                break status;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(20),
+                "rank pid {pid} outlived its launcher"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(
-            killed_at.elapsed() < Duration::from_secs(20),
-            "the ranks outlived their launcher"
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "rank pid {pid} ended with wait status {status:#x}"
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
     let checkpoints: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()

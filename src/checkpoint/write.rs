@@ -29,16 +29,51 @@ pub struct RankState {
     pub pieces: Vec<(Piece, [Vec<f32>; 3])>,
 }
 
+/// Which run and model a checkpoint must be of to count as this run's (`None` fields: a
+/// checkpoint written before run ids and fingerprints, taken as ours).
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    pub run_id: Option<&'a str>,
+    pub model_fingerprint: Option<&'a str>,
+}
+
+impl Owner<'_> {
+    /// Whether `m` was written by this run for this model.
+    fn owns(&self, m: &CheckpointMeta) -> bool {
+        let same = |theirs: &Option<String>, ours: Option<&str>| {
+            theirs.is_none() || ours.is_none() || theirs.as_deref() == ours
+        };
+        same(&m.run_id, self.run_id) && same(&m.model_fingerprint, self.model_fingerprint)
+    }
+}
+
 /// Rank 0, before the first barrier: the empty staging directory of `writer` for `step`. Fails
-/// if the checkpoint for `step` already exists, or if this writer's staging directory does (a
-/// writer stages each step once; another writer's staging is never touched).
-pub fn prepare_staging(root: &Path, step: u64, writer: &str) -> Result<PathBuf> {
+/// if this run's valid checkpoint for `step` already exists, or if this writer's staging
+/// directory does (a writer stages each step once; another writer's staging is never touched).
+/// A `step-N` that is damaged or another run's (`--resume latest` skipped it to resume from an
+/// older step) is renamed aside, never deleted: this run writes its own step N.
+pub fn prepare_staging(root: &Path, step: u64, writer: &str, owner: Owner) -> Result<PathBuf> {
     let done = root.join(step_dir_name(step));
     if done.exists() {
-        bail!(
-            "a checkpoint for step {step} already exists at {}; it is left as it is (resume from \
-             it, or write checkpoints elsewhere with checkpoint.dir)",
-            done.display()
+        let why_not_ours = match Checkpoint::open(&done) {
+            Ok(c) if owner.owns(&c.meta) => None,
+            Ok(_) => Some("a checkpoint of another run or model".to_string()),
+            Err(e) => Some(format!("not a valid checkpoint ({e:#})")),
+        };
+        let Some(why) = why_not_ours else {
+            bail!(
+                "a checkpoint for step {step} already exists at {}; it is left as it is (resume \
+                 from it, or write checkpoints elsewhere with checkpoint.dir)",
+                done.display()
+            );
+        };
+        let aside = root.join(format!("{}.set-aside-{writer}", step_dir_name(step)));
+        std::fs::rename(&done, &aside)
+            .with_context(|| format!("renaming {} to {}", done.display(), aside.display()))?;
+        tracing::warn!(
+            "{} was {why}: kept as {}, and this run writes its own step {step}",
+            done.display(),
+            aside.display()
         );
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
@@ -139,8 +174,57 @@ pub fn commit(
     std::fs::rename(&staging, &done)
         .with_context(|| format!("renaming {} to {}", staging.display(), done.display()))?;
     sync_dir(root)?;
+    remember_verified(&done);
     prune(root, keep_last, &meta)?;
     Ok(done)
+}
+
+/// The checkpoints this process wrote or verified in full, with their metadata's modification
+/// time: pruning after every save must not read every kept checkpoint again (gigabytes each on a
+/// large model). A checkpoint it does not know (copied in, or changed since) is verified in full.
+static VERIFIED: std::sync::Mutex<Vec<(PathBuf, std::time::SystemTime)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn meta_written(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(dir.join(META_FILE)).ok()?.modified().ok()
+}
+
+fn remember_verified(dir: &Path) {
+    if let Some(t) = meta_written(dir) {
+        let mut known = VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|(d, _)| d != dir);
+        known.push((dir.to_path_buf(), t));
+    }
+}
+
+/// Validates `dir` as [`Checkpoint::open`] does, skipping the rank files' checksums where this
+/// process verified the same checkpoint already.
+fn open_for_pruning(dir: &Path) -> Result<Checkpoint> {
+    let known = meta_written(dir).is_some_and(|t| {
+        VERIFIED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(d, seen)| d == dir && *seen == t)
+    });
+    if known {
+        let ckpt = Checkpoint::read_meta(dir)?;
+        ckpt.check_meta()?;
+        for f in &ckpt.meta.files {
+            let len = std::fs::metadata(dir.join(&f.file)).map(|m| m.len());
+            if len.as_ref().ok() != Some(&f.bytes) {
+                bail!(
+                    "{} is missing or not {} bytes",
+                    dir.join(&f.file).display(),
+                    f.bytes
+                );
+            }
+        }
+        return Ok(ckpt);
+    }
+    let ckpt = Checkpoint::open(dir)?;
+    remember_verified(dir);
+    Ok(ckpt)
 }
 
 /// Deletes all but the newest `keep_last` valid checkpoints of the run that wrote `ours` under
@@ -148,14 +232,14 @@ pub fn commit(
 /// neither counted nor deleted: it is reported and left for the user, so a damaged or foreign
 /// newer checkpoint never costs a good one.
 fn prune(root: &Path, keep_last: usize, ours: &CheckpointMeta) -> Result<()> {
+    let owner = Owner {
+        run_id: ours.run_id.as_deref(),
+        model_fingerprint: ours.model_fingerprint.as_deref(),
+    };
     let mut valid = Vec::new();
     for (_, dir) in list_checkpoints(root)? {
-        let same_run = |m: &CheckpointMeta| {
-            (m.run_id.is_none() || m.run_id == ours.run_id)
-                && (m.model_fingerprint.is_none() || m.model_fingerprint == ours.model_fingerprint)
-        };
-        match Checkpoint::open(&dir) {
-            Ok(c) if same_run(&c.meta) => valid.push(dir),
+        match open_for_pruning(&dir) {
+            Ok(c) if owner.owns(&c.meta) => valid.push(dir),
             Ok(_) => tracing::warn!(
                 "{}: a checkpoint of another run or model; pruning neither counts nor deletes it",
                 dir.display()

@@ -145,7 +145,11 @@ fn train_as_process(job: &Job, env: &RankEnv, token_file: Option<&Path>) -> Resu
         .context("reading what rank 0 handed out at the rendezvous")?;
     let dir = payload.run_dir;
     train::install_stop_signals()?;
-    crate::launch::parent::quiet_output_when_orphaned()?;
+    if crate::launch::parent::launcher_pid().is_some() {
+        // Its launcher's death comes as SIGHUP (see `launch::parent`).
+        train::stop_on_hangup()?;
+        crate::launch::parent::quiet_output_when_orphaned()?;
+    }
     let faults = faults_of(job);
     let summary = match (&device, &payload.nccl_ids) {
         (Device::Cuda(gpu), Some(ids)) => {

@@ -173,14 +173,27 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
+/// Set by the stop signals' handlers (which may do no more); the watcher thread of
+/// [`install_stop_signals`] turns it into [`STOP`].
+static SIGNALLED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// For a rank started by `shardtrain launch` (after [`install_stop_signals`]): SIGHUP, its
+/// launcher's death (`launch::parent`), asks for the same stop, and never escalates to "quit at
+/// once" as a second SIGTERM does, because the kernel may send a dying launcher's ranks several.
+/// Not for other processes: it would undo `nohup`.
+pub fn stop_on_hangup() -> Result<()> {
+    let flag = SIGNALLED.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone())?;
+    Ok(())
+}
+
 /// SIGINT and SIGTERM ask the job to stop (with a checkpoint of the last complete step): the ranks
 /// agree on it at the next micro-batch or evaluation-round boundary, abandoning a step in progress
 /// (no update, its data replayed on resume), or after the step when it is the step's last
 /// micro-batch; a second signal ends the process at once (exit 130), leaving the last complete
 /// checkpoint as it is.
 pub fn install_stop_signals() -> Result<()> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    let flag = SIGNALLED.get_or_init(|| Arc::new(AtomicBool::new(false)));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // Registered first, so it sees the flag as the previous signal left it.
         signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;

@@ -21,7 +21,7 @@ use crate::backend::{Backend, Buffer, DType};
 use crate::checkpoint::meta::UnitMeta;
 use crate::checkpoint::meta::{Piece, FORMAT};
 use crate::checkpoint::staging::{discard, staging_dir};
-use crate::checkpoint::write::{commit, prepare_staging, write_rank_file, RankState};
+use crate::checkpoint::write::{commit, prepare_staging, write_rank_file, Owner, RankState};
 use crate::checkpoint::CheckpointMeta;
 use crate::comm::{Communicator, ReduceOp};
 use crate::config::Config;
@@ -335,8 +335,26 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
         let cfg = self.cfg;
         let plan = self.units.plan();
         let world = &self.units.comms().world;
+        // Which run and model this checkpoint is of (bound into its meta.json; a `step-N` of
+        // another is not this run's to keep).
+        let (run_id, model_fingerprint) = if self.rank == 0 {
+            (
+                // Drawn here if the run directory has none yet (a run started from the library).
+                Some(crate::checkpoint::binding::ensure_run_id(self.run_dir)?),
+                Some(crate::checkpoint::binding::model_fingerprint(
+                    cfg,
+                    &self.model.layout,
+                )),
+            )
+        } else {
+            (None, None)
+        };
         if self.rank == 0 {
-            prepare_staging(root, step, &self.writer)?;
+            let owner = Owner {
+                run_id: run_id.as_deref(),
+                model_fingerprint: model_fingerprint.as_deref(),
+            };
+            prepare_staging(root, step, &self.writer, owner)?;
         }
         world.barrier()?;
         // One copy of each shard: the first rank of each replica group writes it.
@@ -405,12 +423,8 @@ impl<'a, B: Backend, C: Communicator> RankTrainer<'a, B, C> {
                     .collect(),
                 data_position: self.train_data.position(),
                 files: Vec::new(),
-                // Drawn here if the run directory has none yet (a run started from the library).
-                run_id: Some(crate::checkpoint::binding::ensure_run_id(self.run_dir)?),
-                model_fingerprint: Some(crate::checkpoint::binding::model_fingerprint(
-                    cfg,
-                    &self.model.layout,
-                )),
+                run_id,
+                model_fingerprint,
             };
             let writers: Vec<usize> = (0..self.world_size()).filter(|&r| writes(r)).collect();
             commit(
