@@ -8,154 +8,17 @@
 //! default `runs/` never lands in the repository), and every wait has a deadline: a child that
 //! outlives it is killed and the test fails with what it printed.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shardtrain");
+use common::cli::*;
 
-/// The longest any ordinary command of these tests may take (each takes well under a few seconds).
-const COMMAND_LIMIT: Duration = Duration::from_secs(120);
-/// How long a long run may take to write its first metrics lines.
-const START_LIMIT: Duration = Duration::from_secs(60);
 /// How long a run may take to stop after a stop signal.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
-
-/// A small, fast job (about 20 ms a step on two cores). The warm-up is one step so that one-step
-/// runs are valid; plain progress lines are rare so that the captured output stays small.
-#[rustfmt::skip]
-const QUICK: &[&str] = &[
-    "--set", "device=cpu",
-    "--set", "model.n_layer=2",
-    "--set", "model.d_model=32",
-    "--set", "model.n_head=2",
-    "--set", "model.seq_len=32",
-    "--set", "train.micro_batch_size=8",
-    "--set", "train.global_batch_size=16",
-    "--set", "train.warmup_steps=1",
-    "--set", "train.eval_every=0",
-    "--set", "logging.progress=plain",
-    "--set", "logging.every_steps=1000",
-];
-
-/// What a finished command left behind.
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_success(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "{}", self.show());
-        self
-    }
-}
-
-/// A running `shardtrain`, its stdout and stderr captured in anonymous files (a pipe nobody reads
-/// could fill and stall a long run). Dropping it kills the child if it still runs, so a failing
-/// test leaves no process behind.
-struct Running {
-    child: Child,
-    stdout: File,
-    stderr: File,
-    what: String,
-}
-
-fn contents(f: &File) -> String {
-    let len = f.metadata().map_or(0, |m| m.len()) as usize;
-    let mut buf = vec![0u8; len];
-    // Positional reads leave the file offset, shared with the child, alone.
-    f.read_exact_at(&mut buf, 0)
-        .expect("reading captured output");
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-impl Running {
-    fn start(work: &Path, args: &[&str]) -> Running {
-        let stdout = tempfile::tempfile().expect("a file for stdout");
-        let stderr = tempfile::tempfile().expect("a file for stderr");
-        let child = Command::new(BIN)
-            .args(args)
-            .current_dir(work)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout.try_clone().unwrap()))
-            .stderr(Stdio::from(stderr.try_clone().unwrap()))
-            .spawn()
-            .expect("the shardtrain binary starts");
-        Running {
-            child,
-            stdout,
-            stderr,
-            what: format!("shardtrain {}", args.join(" ")),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn has_exited(&mut self) -> bool {
-        self.child.try_wait().expect("polling the child").is_some()
-    }
-
-    /// Kills the child (SIGKILL) and fails the test with what it printed.
-    fn fail(&mut self, why: &str) -> ! {
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        panic!(
-            "{why}: {}\nstatus {status:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what,
-            contents(&self.stdout),
-            contents(&self.stderr)
-        );
-    }
-
-    /// SIGKILL: a crash at an arbitrary point.
-    fn crash(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaping the child");
-    }
-
-    /// Waits for the child to exit, at most `limit`; kills it and fails the test after that.
-    fn wait(&mut self, limit: Duration) -> Out {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("polling the child") {
-                return Out {
-                    code: status.code(),
-                    stdout: contents(&self.stdout),
-                    stderr: contents(&self.stderr),
-                };
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("still running after {limit:?}"));
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// Runs `shardtrain args` in `work` to completion (with a deadline).
 fn shardtrain(work: &Path, args: &[&str]) -> Out {
@@ -170,10 +33,6 @@ fn train(work: &Path, run: &Path, extra: &[&str]) -> Out {
     shardtrain(work, &args)
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
-
 /// Sends `kill -SIG pid`; returns whether `kill` succeeded.
 fn signal(pid: u32, sig: &str) -> bool {
     Command::new("kill")
@@ -182,23 +41,6 @@ fn signal(pid: u32, sig: &str) -> bool {
         .status()
         .expect("kill runs")
         .success()
-}
-
-/// Complete lines of the metrics file (0 while it does not exist).
-fn metric_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.matches('\n').count())
-}
-
-/// The `step` of every metrics record, in file order.
-fn metric_steps(run: &Path) -> Vec<u64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics.jsonl exists")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON metrics line");
-            v["step"].as_u64().expect("a step number")
-        })
-        .collect()
 }
 
 fn summary(run: &Path) -> serde_json::Value {
@@ -258,45 +100,6 @@ fn stop_a_long_run(work: &Path, run: &Path) -> u64 {
 
 fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:08}"))
-}
-
-/// Names of the entries of `dir`, sorted (empty if it does not exist).
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Every file under `dir` with its bytes: two snapshots are equal when nothing was written.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                // Directories count too, empty or not.
-                out.insert(p.clone(), Vec::new());
-                todo.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn assert_unchanged(before: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path, what: &str) {
-    let after = snapshot(dir);
-    let keys = |m: &BTreeMap<PathBuf, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(keys(before), keys(&after), "{what} changed the files");
-    assert!(before == &after, "{what} changed a file's contents");
 }
 
 #[test]

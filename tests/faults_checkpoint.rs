@@ -6,15 +6,13 @@
 //! Every test trains its tiny runs once, in its own temporary directory (also the child's working
 //! directory), and every command has a deadline.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use common::cli::{assert_unchanged, names, s, snapshot, Out, Running, COMMAND_LIMIT};
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_shardtrain");
-const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 
 /// A small, fast job (a 2-layer model of width 32; tens of milliseconds a step).
 #[rustfmt::skip]
@@ -34,26 +32,7 @@ const QUICK: &[&str] = &[
     "--set", "checkpoint.every_steps=1000",
 ];
 
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    seconds: f64,
-}
-
 impl Out {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_success(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "{}", self.show());
-        self
-    }
-
     /// Exit 2 with `needles` in the error output.
     fn assert_bad_input(&self, needles: &[&str]) {
         assert_eq!(self.code, Some(2), "{}", self.show());
@@ -63,43 +42,9 @@ impl Out {
     }
 }
 
-/// Runs `shardtrain args` in `work`; a child still running after the deadline is killed and the
-/// test fails.
+/// Runs `shardtrain args` in `work` to completion (with a deadline).
 fn shardtrain(work: &Path, args: &[&str]) -> Out {
-    let started = Instant::now();
-    let child = Command::new(BIN)
-        .args(args)
-        .current_dir(work)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the shardtrain binary starts");
-    // The outputs are small; a watchdog thread kills a child that outlives the deadline.
-    let pid = child.id();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if done_rx.recv_timeout(COMMAND_LIMIT).is_err() {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            return true;
-        }
-        false
-    });
-    let out = child.wait_with_output().expect("waiting for shardtrain");
-    let _ = done_tx.send(());
-    let killed = watchdog.join().unwrap();
-    assert!(
-        !killed,
-        "shardtrain {} outlived {COMMAND_LIMIT:?}",
-        args.join(" ")
-    );
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        seconds: started.elapsed().as_secs_f64(),
-    }
+    Running::start(work, args).wait(COMMAND_LIMIT)
 }
 
 /// `train --run-dir run` with the quick job and `extra` settings, which must succeed.
@@ -112,22 +57,8 @@ fn train(work: &Path, run: &Path, extra: &[&str]) -> Out {
     out
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
-
 fn step_dir(run: &Path, step: u64) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:08}"))
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -135,31 +66,6 @@ fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
-}
-
-/// Every file and directory under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.insert(p.clone(), Vec::new());
-                todo.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
-
-fn assert_unchanged(before: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path, what: &str) {
-    let after = snapshot(dir);
-    let keys = |m: &BTreeMap<PathBuf, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(keys(before), keys(&after), "{what} changed the files");
-    assert!(before == &after, "{what} changed a file's contents");
 }
 
 fn read_meta(ckpt: &Path) -> Value {
@@ -422,7 +328,9 @@ fn ckpt_inspect_refuses_every_checkpoint_that_cannot_load() {
         let mut m = meta.clone();
         edit(&mut m);
         write_meta(&dir, &m);
+        let started = Instant::now();
         let out = shardtrain(tmp.path(), &["ckpt", "inspect", s(&dir)]);
+        let seconds = started.elapsed().as_secs_f64();
         assert_eq!(out.code, Some(2), "{name}: {}", out.show());
         for n in needles {
             assert!(
@@ -434,7 +342,7 @@ fn ckpt_inspect_refuses_every_checkpoint_that_cannot_load() {
         assert!(out.stderr.contains(s(&dir)), "{name}: {}", out.show());
         if name == "alias-bomb" {
             // Refused before it expands (the whole command, process start included).
-            assert!(out.seconds < 2.0, "the bomb took {:.1}s", out.seconds);
+            assert!(seconds < 2.0, "the bomb took {seconds:.1}s");
         }
         // A resume runs the same validation.
         let fresh = tmp.path().join("cases").join(format!("{name}-resumed"));

@@ -3,35 +3,16 @@
 //! grace period as well; a launcher killed with SIGKILL takes its ranks with it, through the
 //! ranks' normal stop path (a complete checkpoint), not by accident.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[rustfmt::skip]
-const SMALL: &[&str] = &[
-    "--set", "model.n_layer=2",
-    "--set", "model.d_model=32",
-    "--set", "model.n_head=2",
-    "--set", "model.seq_len=32",
-    "--set", "train.micro_batch_size=4",
-    "--set", "train.global_batch_size=8",
-    "--set", "train.warmup_steps=2",
-    "--set", "train.eval_every=0",
-    "--set", "train.max_steps=1000000",
-    "--set", "logging.progress=plain",
-    "--set", "logging.every_steps=1000",
-    "--set", "device=cpu",
-];
+use common::{free_port, RANKS_JOB};
 
-fn free_port() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string()
-}
+/// Jobs that train until they are stopped.
+const UNTIL_STOPPED: &[&str] = &["--set", "train.max_steps=1000000"];
 
 /// A launcher and its ranks, killed (all of them) when the test ends however it ends.
 struct Job {
@@ -104,11 +85,12 @@ fn metric_lines(run: &Path) -> usize {
 fn start(tmp: &Path, launch_flags: &[&str], extra: &[&str]) -> Job {
     let run = tmp.join("run");
     let stderr = tmp.join("launch.stderr");
-    let port = free_port();
+    let port = free_port().to_string();
     let mut args = vec!["launch", "--nproc-per-node", "2", "--master-port", &port];
     args.extend_from_slice(launch_flags);
     args.extend_from_slice(&["--", "train", "--run-dir", run.to_str().unwrap()]);
-    args.extend_from_slice(SMALL);
+    args.extend_from_slice(RANKS_JOB);
+    args.extend_from_slice(UNTIL_STOPPED);
     args.extend_from_slice(extra);
     let launcher = Command::new(env!("CARGO_BIN_EXE_shardtrain"))
         .args(&args)
@@ -251,7 +233,8 @@ fn a_rank_refused_its_input_is_not_restarted_and_the_run_directory_is_left_alone
     // Another job holds the run directory (its lock).
     let mut holder = Command::new(env!("CARGO_BIN_EXE_shardtrain"))
         .args(["train", "--run-dir", run.to_str().unwrap()])
-        .args(SMALL)
+        .args(RANKS_JOB)
+        .args(UNTIL_STOPPED)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -262,7 +245,7 @@ fn a_rank_refused_its_input_is_not_restarted_and_the_run_directory_is_left_alone
         assert!(Instant::now() < deadline, "the holder did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let port = free_port();
+    let port = free_port().to_string();
     let mut args = vec![
         "launch",
         "--nproc-per-node",
@@ -276,7 +259,8 @@ fn a_rank_refused_its_input_is_not_restarted_and_the_run_directory_is_left_alone
         "--run-dir",
         run.to_str().unwrap(),
     ];
-    args.extend_from_slice(SMALL);
+    args.extend_from_slice(RANKS_JOB);
+    args.extend_from_slice(UNTIL_STOPPED);
     let out = Command::new(env!("CARGO_BIN_EXE_shardtrain"))
         .args(&args)
         .env("RUST_LOG", "warn")

@@ -8,155 +8,15 @@
 //! Every test works in its own temporary directory, and every wait has a deadline: a child that
 //! outlives it is killed and the test fails with what it printed.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_shardtrain");
+use std::path::Path;
+use std::process::Command;
+
+use common::cli::*;
+
 /// The lock file of a run directory (`shardtrain::cli::run_lock::LOCK_FILE`).
 const LOCK_FILE: &str = ".shardtrain.lock";
-
-/// The longest any command of these tests may take (each takes a few seconds at most).
-const COMMAND_LIMIT: Duration = Duration::from_secs(120);
-/// How long a long run may take to write its first metrics lines.
-const START_LIMIT: Duration = Duration::from_secs(60);
-
-/// A small, fast job (about 20 ms a step on two cores), as in `cli_checkpoint.rs`.
-#[rustfmt::skip]
-const QUICK: &[&str] = &[
-    "--set", "device=cpu",
-    "--set", "model.n_layer=2",
-    "--set", "model.d_model=32",
-    "--set", "model.n_head=2",
-    "--set", "model.seq_len=32",
-    "--set", "train.micro_batch_size=8",
-    "--set", "train.global_batch_size=16",
-    "--set", "train.warmup_steps=1",
-    "--set", "train.eval_every=0",
-    "--set", "logging.progress=plain",
-    "--set", "logging.every_steps=1000",
-];
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(self.code, Some(code), "{}", self.show());
-        self
-    }
-}
-
-/// A running `shardtrain`, its output captured in anonymous files; dropping it kills the child.
-struct Running {
-    child: Child,
-    stdout: File,
-    stderr: File,
-    what: String,
-}
-
-fn contents(f: &File) -> String {
-    let len = f.metadata().map_or(0, |m| m.len()) as usize;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, 0)
-        .expect("reading captured output");
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-impl Running {
-    fn start(work: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
-        let stdout = tempfile::tempfile().expect("a file for stdout");
-        let stderr = tempfile::tempfile().expect("a file for stderr");
-        let child = Command::new(BIN)
-            .args(args)
-            .current_dir(work)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout.try_clone().unwrap()))
-            .stderr(Stdio::from(stderr.try_clone().unwrap()))
-            .spawn()
-            .expect("the shardtrain binary starts");
-        Running {
-            child,
-            stdout,
-            stderr,
-            what: format!("shardtrain {}", args.join(" ")),
-        }
-    }
-
-    fn fail(&mut self, why: &str) -> ! {
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        panic!(
-            "{why}: {}\nstatus {status:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what,
-            contents(&self.stdout),
-            contents(&self.stderr)
-        );
-    }
-
-    /// Waits for the child to exit, at most `limit`; kills it and fails the test after that.
-    fn wait(&mut self, limit: Duration) -> Out {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("polling the child") {
-                return Out {
-                    code: status.code(),
-                    stdout: contents(&self.stdout),
-                    stderr: contents(&self.stderr),
-                };
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!("still running after {limit:?}"));
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits until the run's metrics file has `lines` lines (it is training, under its lock).
-    fn wait_for_metrics(&mut self, run: &Path, lines: usize) {
-        let deadline = Instant::now() + START_LIMIT;
-        while metric_lines(run) < lines {
-            if self.child.try_wait().expect("polling the child").is_some() {
-                self.fail("the run ended before training");
-            }
-            if Instant::now() > deadline {
-                self.fail(&format!(
-                    "fewer than {lines} metrics lines after {START_LIMIT:?}"
-                ));
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
 
 /// `train` with the quick job, `args` and `settings` (`key=value`, each after a `--set`).
 fn train_args<'a>(args: &[&'a str], settings: &'a [String]) -> Vec<&'a str> {
@@ -170,57 +30,11 @@ fn train_args<'a>(args: &[&'a str], settings: &'a [String]) -> Vec<&'a str> {
 }
 
 fn run_to_end(work: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
-    Running::start(work, args, env).wait(COMMAND_LIMIT)
-}
-
-fn metric_lines(run: &Path) -> usize {
-    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.matches('\n').count())
-}
-
-fn metric_steps(run: &Path) -> Vec<u64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics.jsonl exists")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON metrics line");
-            v["step"].as_u64().expect("a step number")
-        })
-        .collect()
-}
-
-/// Names of the entries of `dir`, sorted (empty if it does not exist).
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    Running::start_with_env(work, args, env).wait(COMMAND_LIMIT)
 }
 
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.insert(p.clone(), Vec::new());
-                todo.push(p);
-            } else {
-                out.insert(p.clone(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
 }
 
 /// Every entry of `run`'s checkpoint directory is a complete checkpoint (`ckpt inspect` verifies
@@ -263,8 +77,8 @@ fn two_fresh_runs_given_one_run_dir_one_runs_and_the_other_exits_2_writing_nothi
     let run = tmp.path().join("together");
     let settings = ["train.max_steps=12".to_string()];
     let args = train_args(&["--run-dir", s(&run)], &settings);
-    let mut a = Running::start(tmp.path(), &args, &[]);
-    let mut b = Running::start(tmp.path(), &args, &[]);
+    let mut a = Running::start_with_env(tmp.path(), &args, &[]);
+    let mut b = Running::start_with_env(tmp.path(), &args, &[]);
     let (a, b) = (a.wait(COMMAND_LIMIT), b.wait(COMMAND_LIMIT));
     let (_, loser) = one_runs_one_refused(a, b);
     assert!(!loser.stdout.contains("run directory:"), "{}", loser.show());
@@ -278,13 +92,13 @@ fn two_fresh_runs_given_one_run_dir_one_runs_and_the_other_exits_2_writing_nothi
     // While a run trains, a second one given its directory is told who holds it.
     let run = tmp.path().join("busy");
     let settings = ["train.max_steps=100000".to_string()];
-    let mut long = Running::start(
+    let mut long = Running::start_with_env(
         tmp.path(),
         &train_args(&["--run-dir", s(&run)], &settings),
         &[],
     );
     long.wait_for_metrics(&run, 1);
-    let holder = format!("is in use by pid {}", long.child.id());
+    let holder = format!("is in use by pid {}", long.pid());
     let settings = ["train.max_steps=3".to_string()];
     let second = run_to_end(
         tmp.path(),
@@ -297,8 +111,7 @@ fn two_fresh_runs_given_one_run_dir_one_runs_and_the_other_exits_2_writing_nothi
         "`{holder}`:\n{}",
         second.show()
     );
-    long.child.kill().unwrap();
-    long.child.wait().unwrap();
+    long.crash();
     let steps = metric_steps(&run);
     assert_eq!(
         steps,
@@ -317,7 +130,7 @@ fn two_runs_given_one_checkpoint_dir_one_runs_and_the_other_exits_2_creating_not
         format!("checkpoint.dir={}", shared.display()),
     ];
     let args = train_args(&["--run-dir", s(&first)], &settings);
-    let mut long = Running::start(tmp.path(), &args, &[]);
+    let mut long = Running::start_with_env(tmp.path(), &args, &[]);
     long.wait_for_metrics(&first, 1);
     // Short, so that without the lock it would end (and fail this test) quickly.
     let short = [
@@ -333,7 +146,7 @@ fn two_runs_given_one_checkpoint_dir_one_runs_and_the_other_exits_2_creating_not
     let holder = format!(
         "checkpoint directory {} is in use by pid {}",
         shared.display(),
-        long.child.id()
+        long.pid()
     );
     assert!(out.stderr.contains(&holder), "`{holder}`:\n{}", out.show());
     assert!(!second.exists(), "the refused run made no run directory");
@@ -364,7 +177,7 @@ fn a_launched_job_holds_its_run_dir_through_rank_0_alone() {
         "--",
     ];
     args.extend(train_args(&["--run-dir", s(&run)], &settings));
-    let mut job = Running::start(tmp.path(), &args, &[]);
+    let mut job = Running::start_with_env(tmp.path(), &args, &[]);
     // Both ranks train (rank 1 was not refused), their checkpoints staged and committed together.
     job.wait_for_metrics(&run, 3);
     let record: serde_json::Value =
@@ -372,7 +185,7 @@ fn a_launched_job_holds_its_run_dir_through_rank_0_alone() {
     let holder = record["pid"].as_u64().unwrap();
     assert_ne!(
         holder,
-        u64::from(job.child.id()),
+        u64::from(job.pid()),
         "rank 0 holds it, not the launcher"
     );
 
@@ -388,7 +201,7 @@ fn a_launched_job_holds_its_run_dir_through_rank_0_alone() {
 
     // A stop (or, had it already ended, the end of the job): exit 0 either way.
     let _ = Command::new("kill")
-        .args(["-INT", &job.child.id().to_string()])
+        .args(["-INT", &job.pid().to_string()])
         .status();
     job.wait(COMMAND_LIMIT).assert_code(0);
     assert!(!run.join(LOCK_FILE).exists());
@@ -416,8 +229,8 @@ fn two_resumes_in_place_one_runs_and_the_other_exits_2_leaving_complete_checkpoi
         "checkpoint.every_steps=2".to_string(),
     ];
     let args = train_args(&["--resume", s(&run)], &resume);
-    let mut a = Running::start(tmp.path(), &args, &[]);
-    let mut b = Running::start(tmp.path(), &args, &[]);
+    let mut a = Running::start_with_env(tmp.path(), &args, &[]);
+    let mut b = Running::start_with_env(tmp.path(), &args, &[]);
     let (a, b) = (a.wait(COMMAND_LIMIT), b.wait(COMMAND_LIMIT));
     let (winner, loser) = one_runs_one_refused(a, b);
     assert!(
@@ -441,15 +254,14 @@ fn a_lock_left_by_a_killed_run_is_taken_over_with_a_message() {
         "train.max_steps=100000".to_string(),
         "checkpoint.every_steps=2".to_string(),
     ];
-    let mut long = Running::start(
+    let mut long = Running::start_with_env(
         tmp.path(),
         &train_args(&["--run-dir", s(&run)], &settings),
         &[],
     );
     long.wait_for_metrics(&run, 4);
-    let pid = long.child.id();
-    long.child.kill().unwrap();
-    long.child.wait().unwrap();
+    let pid = long.pid();
+    long.crash();
     assert!(
         run.join(LOCK_FILE).is_file(),
         "SIGKILL leaves the lock file"

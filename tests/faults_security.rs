@@ -3,39 +3,19 @@
 //! genuine rank 1; a rank with another token is refused; a bad token source is bad input (exit 2)
 //! found before anything is written; a job without a token says so.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, RANKS_JOB};
+
 const TOKEN: &str = "5f1c0ffee5f1c0ffee5f1c0ffee5f1c0ffee5f1c0ffee5f1c0ffee5f1c0ffee0";
 const OTHER: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-#[rustfmt::skip]
-const SMALL: &[&str] = &[
-    "--set", "model.n_layer=2",
-    "--set", "model.d_model=32",
-    "--set", "model.n_head=2",
-    "--set", "model.seq_len=32",
-    "--set", "train.micro_batch_size=4",
-    "--set", "train.global_batch_size=8",
-    "--set", "train.warmup_steps=2",
-    "--set", "train.max_steps=2",
-    "--set", "train.eval_every=0",
-    "--set", "logging.progress=plain",
-    "--set", "logging.every_steps=1000",
-    "--set", "device=cpu",
-];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `shardtrain train` as rank `rank` of 2 started by hand, with `token` (if any) in the
 /// environment and rendezvous timeout `timeout_s`.
@@ -55,7 +35,8 @@ fn rank_command(
     cmd.args(["train", "--rank", &rank, "--world", "2"])
         .args(["--master-addr", "127.0.0.1", "--master-port", &port])
         .args(["--run-dir", run.to_str().unwrap(), "--set", &timeout])
-        .args(SMALL)
+        .args(RANKS_JOB)
+        .args(["--set", "train.max_steps=2"])
         .env("RUST_LOG", "warn")
         .env_remove("SHARDTRAIN_JOB_TOKEN")
         .stdin(Stdio::null())

@@ -3,34 +3,13 @@
 //! message naming it and a non-zero exit; `--max-restarts` continues a failed job from its newest
 //! checkpoint to the same result; Ctrl-C stops every rank with a checkpoint.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string()
-}
-
-#[rustfmt::skip]
-const SMALL: &[&str] = &[
-    "--set", "model.n_layer=2",
-    "--set", "model.d_model=32",
-    "--set", "model.n_head=2",
-    "--set", "model.seq_len=32",
-    "--set", "train.micro_batch_size=4",
-    "--set", "train.global_batch_size=8",
-    "--set", "train.warmup_steps=2",
-    "--set", "train.eval_every=0",
-    "--set", "logging.progress=plain",
-    "--set", "logging.every_steps=1000",
-    "--set", "device=cpu",
-];
+use common::{free_port, RANKS_JOB as SMALL};
 
 fn shardtrain(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardtrain"));
@@ -48,7 +27,7 @@ fn launch(
     launch_flags: &[&str],
     env: &[(&str, &str)],
 ) -> Output {
-    let port = free_port();
+    let port = free_port().to_string();
     let nproc = nproc.to_string();
     let mut args = vec!["launch", "--nproc-per-node", &nproc, "--master-port", &port];
     args.extend_from_slice(launch_flags);
@@ -242,7 +221,7 @@ fn a_restart_continues_from_the_checkpoint_to_the_uninterrupted_result() {
 fn ctrl_c_on_the_launcher_checkpoints_every_rank_and_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let port = free_port();
+    let port = free_port().to_string();
     let mut args: Vec<String> = [
         "launch",
         "--nproc-per-node",
@@ -316,7 +295,7 @@ fn ctrl_c_on_the_launcher_checkpoints_every_rank_and_exits_0() {
 
 #[test]
 fn bench_comm_runs_under_the_launcher_and_with_threads() {
-    let port = free_port();
+    let port = free_port().to_string();
     let out = shardtrain(
         &[
             "launch",

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod cli;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -20,6 +22,32 @@ pub fn shardtrain_in(dir: &Path, args: &[&str]) -> Output {
         .output()
         .expect("the shardtrain binary runs")
 }
+
+/// A TCP port free on the loopback interface right now (for a rendezvous).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tiny job for multi-process ranks on the CPU (a 2-layer model of width 32, 8 sequences of 32
+/// tokens a step, quiet), to which each test adds its `train.max_steps` and the like.
+#[rustfmt::skip]
+pub const RANKS_JOB: &[&str] = &[
+    "--set", "model.n_layer=2",
+    "--set", "model.d_model=32",
+    "--set", "model.n_head=2",
+    "--set", "model.seq_len=32",
+    "--set", "train.micro_batch_size=4",
+    "--set", "train.global_batch_size=8",
+    "--set", "train.warmup_steps=2",
+    "--set", "train.eval_every=0",
+    "--set", "logging.progress=plain",
+    "--set", "logging.every_steps=1000",
+    "--set", "device=cpu",
+];
 
 /// A process's output as text.
 pub fn text(bytes: &[u8]) -> String {
