@@ -424,7 +424,11 @@ fn continue_in_place(dir: &Path, ckpt: &Checkpoint, cfg: &Config) -> Result<()> 
         .into());
     }
     let resumed = free_name(dir, &format!("config.resumed-from-step-{step}"), "yaml");
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    // Named `*.partial`: if this process dies before the rename, the next start sweeps it.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".config-resumed-")
+        .suffix(".partial")
+        .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, cfg.to_yaml().as_bytes())
         .and_then(|()| tmp.as_file().sync_all())
