@@ -7,17 +7,15 @@
 //! Every test works in its own temporary directory, the child's working directory too, and every
 //! wait has a deadline.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+use common::cli::{s, Out, Running};
 
 use shardtrain::config::{sizes, Config};
 use shardtrain::model::{GptShape, ParamLayout};
-
-const BIN: &str = env!("CARGO_BIN_EXE_shardtrain");
 
 /// A refusal must come at once: well before any allocation could have been tried.
 const REFUSAL_LIMIT: Duration = Duration::from_secs(10);
@@ -49,135 +47,8 @@ const LONG_STEPS: &[&str] = &[
     "--set", "train.max_steps=3",
 ];
 
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn show(&self) -> String {
-        format!(
-            "exit {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// A running `shardtrain` with its output in anonymous files; killed if dropped while running.
-struct Running {
-    child: Child,
-    stdout: File,
-    stderr: File,
-}
-
-fn contents(f: &File) -> String {
-    let len = f.metadata().map_or(0, |m| m.len()) as usize;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, 0)
-        .expect("reading captured output");
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-impl Running {
-    fn start(work: &Path, args: &[&str]) -> Running {
-        let stdout = tempfile::tempfile().expect("a file for stdout");
-        let stderr = tempfile::tempfile().expect("a file for stderr");
-        let child = Command::new(BIN)
-            .args(args)
-            .current_dir(work)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout.try_clone().unwrap()))
-            .stderr(Stdio::from(stderr.try_clone().unwrap()))
-            .spawn()
-            .expect("the shardtrain binary starts");
-        Running {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn out(&self, code: Option<i32>) -> Out {
-        Out {
-            code,
-            stdout: contents(&self.stdout),
-            stderr: contents(&self.stderr),
-        }
-    }
-
-    /// Waits at most `limit` for the exit; kills the child and fails the test after that.
-    fn wait(&mut self, limit: Duration) -> Out {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("polling the child") {
-                return self.out(status.code());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("still running after {limit:?}:\n{}", self.out(None).show());
-            }
-            sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits until `run`'s metrics file has `lines` lines (the run is training, its stop signals
-    /// installed).
-    fn wait_for_metrics(&mut self, run: &Path, lines: usize) {
-        let count = || {
-            std::fs::read_to_string(run.join("metrics.jsonl"))
-                .map_or(0, |t| t.matches('\n').count())
-        };
-        self.wait_until(&format!("{lines} metrics lines"), || count() >= lines);
-    }
-
-    /// Waits until the child has printed `needle` on stdout.
-    fn wait_for_stdout(&mut self, needle: &str) {
-        let stdout = self.stdout.try_clone().unwrap();
-        self.wait_until(needle, || contents(&stdout).contains(needle));
-    }
-
-    fn wait_until(&mut self, what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + RUN_LIMIT;
-        while !done() {
-            let exited = self.child.try_wait().expect("polling the child");
-            if exited.is_some() || Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "no {what}:\n{}",
-                    self.out(exited.and_then(|s| s.code())).show()
-                );
-            }
-            sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn interrupt(&self) {
-        let sent = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill -INT failed");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn shardtrain(work: &Path, args: &[&str], limit: Duration) -> Out {
     Running::start(work, args).wait(limit)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
 }
 
 /// Every entry under `dir`, as sorted relative paths.

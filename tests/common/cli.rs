@@ -167,6 +167,37 @@ impl Running {
     }
 }
 
+impl Running {
+    /// Waits until the child has printed `needle` on stdout.
+    pub fn wait_for_stdout(&mut self, needle: &str) {
+        let stdout = self.stdout.try_clone().unwrap();
+        self.wait_until(needle, || contents(&stdout).contains(needle));
+    }
+
+    /// Waits until `done`, at most [`COMMAND_LIMIT`]; fails the test if the child exits first.
+    pub fn wait_until(&mut self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + COMMAND_LIMIT;
+        while !done() {
+            if self.has_exited() {
+                self.fail(&format!("it ended with no {what}"));
+            }
+            if Instant::now() > deadline {
+                self.fail(&format!("no {what} after {COMMAND_LIMIT:?}"));
+            }
+            sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGINT, as Ctrl-C at a terminal.
+    pub fn interrupt(&self) {
+        let sent = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -INT failed");
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
