@@ -26,8 +26,10 @@ pub use read::Checkpoint;
 /// `shardtrain ckpt inspect`: what a checkpoint holds, after exactly the validation a resume runs
 /// (the whole checkpoint, then its data position against the data it continues).
 pub fn inspect(path: &Path) -> Result<String> {
+    // `resolve` validated all of it, every file's checksum included; only the saved config is
+    // still wanted from the metadata checks (cheap), not a second read of every file.
     let ckpt = Checkpoint::resolve(path)?;
-    let cfg = ckpt.validate()?;
+    let cfg = ckpt.check_meta()?;
     // The data sits where the run that wrote it found it (a text cache beside its run directory).
     let run_dir = binding::home_run_dir(&ckpt.dir).unwrap_or_else(|| ckpt.dir.clone());
     ckpt.check_data(&cfg, &run_dir)?;
