@@ -111,6 +111,15 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// One tensor's piece of a flat buffer, for [`Backend::adamw_segments`]: `len` elements from
+/// `offset`, with or without weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AdamWSegment {
+    pub offset: usize,
+    pub len: usize,
+    pub decay: bool,
+}
+
 /// Device time spent in one op, summed over its calls (see [`Backend::take_op_times`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OpTime {
@@ -387,6 +396,40 @@ pub trait Backend: Send + Sync + 'static {
         param_copy: Option<&Self::Buf>,
         hp: &AdamWStep,
     ) -> Result<()>;
+    /// [`Backend::adamw`] over several tensors of one flat buffer at once (the tensors of a unit's
+    /// shard): each segment's range of every buffer gets exactly the update `adamw` gives it, with
+    /// `hp.weight_decay` where the segment decays and none where it does not; elements outside
+    /// every segment are not touched. Segments are in increasing order and do not overlap. The
+    /// default issues one `adamw` per segment; a GPU backend does it in one launch.
+    fn adamw_segments(
+        &self,
+        param: &Self::Buf,
+        grad: &Self::Buf,
+        m: &Self::Buf,
+        v: &Self::Buf,
+        param_copy: Option<&Self::Buf>,
+        segments: &[AdamWSegment],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        shapes::adamw_segments(param, grad, m, v, param_copy, segments)?;
+        for seg in segments {
+            let view = |buf: &Self::Buf| self.slice(buf, seg.offset, seg.len);
+            let piece_hp = AdamWStep {
+                weight_decay: if seg.decay { hp.weight_decay } else { 0.0 },
+                ..*hp
+            };
+            let copy = param_copy.map(view).transpose()?;
+            self.adamw(
+                &view(param)?,
+                &view(grad)?,
+                &view(m)?,
+                &view(v)?,
+                copy.as_ref(),
+                &piece_hp,
+            )?;
+        }
+        Ok(())
+    }
     /// Accumulates `acc[0] += Σ x²` (`acc` is a one-element f32 buffer), summing in f32 or better.
     /// Global-norm clipping sums this over every gradient buffer (and, sharded, over ranks).
     fn sum_squares(&self, acc: &Self::Buf, x: &Self::Buf) -> Result<()>;

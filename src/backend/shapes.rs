@@ -3,9 +3,9 @@
 //! (statistics and losses are f32), token ids in range. Overlap and dtype-combination checks are
 //! the backends' own (they depend on what each can compute).
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
-use super::{expect_dtype, expect_len, AttentionShape, Buffer, DType, MatmulSpec};
+use super::{expect_dtype, expect_len, AdamWSegment, AttentionShape, Buffer, DType, MatmulSpec};
 
 pub fn matmul<B: Buffer>(out: &B, a: &B, b: &B, bias: Option<&B>, s: MatmulSpec) -> Result<()> {
     expect_len("matmul", "out", out, s.m * s.n)?;
@@ -161,6 +161,42 @@ pub fn cross_entropy<B: Buffer>(
     expect_len(op, "logits", logits, rows * vocab)?;
     expect_dtype(op, "losses", losses, DType::F32)?;
     ids(op, "targets", targets, rows, vocab)
+}
+
+/// [`adamw`]'s checks, and segments in increasing order, not overlapping, inside the buffers.
+pub fn adamw_segments<B: Buffer>(
+    param: &B,
+    grad: &B,
+    m: &B,
+    v: &B,
+    param_copy: Option<&B>,
+    segments: &[AdamWSegment],
+) -> Result<()> {
+    adamw(param, grad, m, v, param_copy)?;
+    let mut end = 0;
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.offset < end {
+            bail!(
+                "adamw_segments: segment {i} starts at {} before the previous one ends ({end}); \
+                 segments must be in increasing order without overlap",
+                seg.offset
+            );
+        }
+        end = seg
+            .offset
+            .checked_add(seg.len)
+            .filter(|&e| e <= param.len())
+            .ok_or_else(|| {
+                anyhow!(
+                    "adamw_segments: segment {i} ({} elements from {}) runs past the {} elements \
+                     of `param`",
+                    seg.len,
+                    seg.offset,
+                    param.len()
+                )
+            })?;
+    }
+    Ok(())
 }
 
 pub fn adamw<B: Buffer>(param: &B, grad: &B, m: &B, v: &B, param_copy: Option<&B>) -> Result<()> {

@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 
-use crate::backend::{AdamWStep, Backend, Buffer, DType};
+use crate::backend::{AdamWSegment, AdamWStep, Backend, Buffer, DType};
 use crate::shard::flat::Segment;
 
 /// Hyper-parameters that stay fixed during a run.
@@ -24,7 +24,7 @@ pub struct AdamWConfig {
 pub struct AdamW<B: Backend> {
     cfg: AdamWConfig,
     /// Per unit, the tensor pieces in this rank's shard (padding is never updated).
-    segments: Vec<Vec<Segment>>,
+    segments: Vec<Vec<AdamWSegment>>,
     /// f32 master weights, or `None` where the parameter shards already are f32.
     master: Option<Vec<B::Buf>>,
     m: Vec<B::Buf>,
@@ -53,7 +53,18 @@ impl<B: Backend> AdamW<B> {
         };
         Ok(AdamW {
             cfg,
-            segments,
+            segments: segments
+                .into_iter()
+                .map(|unit| {
+                    unit.into_iter()
+                        .map(|s| AdamWSegment {
+                            offset: s.offset,
+                            len: s.len,
+                            decay: s.decay,
+                        })
+                        .collect()
+                })
+                .collect(),
             master,
             m: zeros()?,
             v: zeros()?,
@@ -120,30 +131,23 @@ impl<B: Backend> AdamW<B> {
         grad_scale: f32,
     ) -> Result<()> {
         self.step += 1;
+        let hp = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.step,
+            grad_scale,
+        };
+        // One update per unit: every tensor piece of its shard in one go.
         for (u, segments) in self.segments.iter().enumerate() {
-            for seg in segments {
-                let view = |buf: &B::Buf| be.slice(buf, seg.offset, seg.len);
-                let hp = AdamWStep {
-                    lr,
-                    beta1: self.cfg.beta1,
-                    beta2: self.cfg.beta2,
-                    eps: self.cfg.eps,
-                    weight_decay: if seg.decay {
-                        self.cfg.weight_decay
-                    } else {
-                        0.0
-                    },
-                    step: self.step,
-                    grad_scale,
-                };
-                let param = view(&params[u])?;
-                let (m, v, grad) = (view(&self.m[u])?, view(&self.v[u])?, view(&grads[u])?);
-                match &self.master {
-                    Some(master) => {
-                        be.adamw(&view(&master[u])?, &grad, &m, &v, Some(&param), &hp)?
-                    }
-                    None => be.adamw(&param, &grad, &m, &v, None, &hp)?,
+            let (m, v) = (&self.m[u], &self.v[u]);
+            match &self.master {
+                Some(master) => {
+                    be.adamw_segments(&master[u], &grads[u], m, v, Some(&params[u]), segments, &hp)?
                 }
+                None => be.adamw_segments(&params[u], &grads[u], m, v, None, segments, &hp)?,
             }
         }
         Ok(())

@@ -18,6 +18,7 @@ pub mod driver;
 mod launch;
 mod memory;
 mod ops;
+mod optim;
 mod profile;
 
 use std::sync::{Arc, OnceLock};
@@ -43,6 +44,8 @@ pub struct CudaBackend {
     blas: OnceLock<Blas>,
     stats: Arc<MemoryStats>,
     profiler: OpProfiler,
+    /// The multi-tensor AdamW's device tables of tensor pieces.
+    segment_tables: optim::SegmentTables,
     lane: Option<Box<CudaBackend>>,
 }
 
@@ -129,6 +132,7 @@ impl CudaBackend {
             blas: OnceLock::new(),
             stats: stats.clone(),
             profiler: OpProfiler::default(),
+            segment_tables: optim::SegmentTables::default(),
             lane,
         })
     }

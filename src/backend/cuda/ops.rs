@@ -10,10 +10,11 @@ use super::launch::{
     attention_tile, grid_for, int, row_block, Arg, BLOCK, COLUMN_BLOCK, CROSS_ENTROPY_MAX_BLOCK,
     LAYERNORM_MAX_BLOCK,
 };
+use super::optim::{adamw_outputs, hyper_args};
 use super::{long, no_overlap, ptr, same_dtype, tn, CudaBackend, CudaBuf, CudaIds, CudaMark};
 use crate::backend::{
-    expect_dtype, expect_len, shapes, AdamWStep, AttentionShape, Backend, DType, MatmulSpec,
-    OpTime, TimingMark,
+    expect_dtype, expect_len, shapes, AdamWSegment, AdamWStep, AttentionShape, Backend, DType,
+    MatmulSpec, OpTime, TimingMark,
 };
 
 /// Rows of the bias gradient summed by one block before the fixed-order final pass.
@@ -657,39 +658,42 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let op = "adamw";
         shapes::adamw(param, grad, m, v, param_copy)?;
-        let n = param.len;
-        let mut outs = vec![("param", param), ("m", m), ("v", v)];
-        if let Some(c) = param_copy {
-            outs.push(("param_copy", c));
-        }
-        no_overlap(op, &outs, &[("grad", grad)])?;
-        // Bias corrections in f64 on the host, as the CPU reference computes them.
-        let step = hp.step.max(1) as i32;
-        let bc1 = 1.0 - (hp.beta1 as f64).powi(step);
-        let bc2 = 1.0 - (hp.beta2 as f64).powi(step);
+        no_overlap(
+            op,
+            &adamw_outputs(param, m, v, param_copy),
+            &[("grad", grad)],
+        )?;
         let copy_dtype = param_copy.map_or(DType::F32, |c| c.dtype);
+        let n = param.len;
+        let mut args = vec![
+            ptr(param),
+            ptr(grad),
+            ptr(m),
+            ptr(v),
+            Arg::Ptr(param_copy.map_or(0, |c| c.ptr())),
+            long(n),
+        ];
+        args.extend(hyper_args(hp));
         self.timed(op, || {
             self.run_1d(
                 &format!("adamw_{}_{}", tn(grad.dtype), tn(copy_dtype)),
                 n,
-                &[
-                    ptr(param),
-                    ptr(grad),
-                    ptr(m),
-                    ptr(v),
-                    Arg::Ptr(param_copy.map_or(0, |c| c.ptr())),
-                    long(n),
-                    Arg::Float(hp.lr),
-                    Arg::Float(hp.beta1),
-                    Arg::Float(hp.beta2),
-                    Arg::Float(hp.eps),
-                    Arg::Float(hp.weight_decay),
-                    Arg::Float(bc1 as f32),
-                    Arg::Float(bc2 as f32),
-                    Arg::Float(hp.grad_scale),
-                ],
+                &args,
             )
         })
+    }
+
+    fn adamw_segments(
+        &self,
+        param: &CudaBuf,
+        grad: &CudaBuf,
+        m: &CudaBuf,
+        v: &CudaBuf,
+        param_copy: Option<&CudaBuf>,
+        segments: &[AdamWSegment],
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        self.adamw_segments_launch(param, grad, m, v, param_copy, segments, hp)
     }
 
     fn sum_squares(&self, acc: &CudaBuf, x: &CudaBuf) -> Result<()> {

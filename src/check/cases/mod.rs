@@ -40,6 +40,7 @@ pub(crate) fn all<S: Backend>() -> Vec<(&'static str, OpCases<S>)> {
         ("embedding_backward", embedding::backward::<S>),
         ("cross_entropy", loss::cross_entropy::<S>),
         ("adamw", optim::adamw::<S>),
+        ("adamw_segments", optim::adamw_segments::<S>),
         ("sum_squares", optim::sum_squares::<S>),
     ]
 }

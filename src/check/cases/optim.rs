@@ -1,7 +1,9 @@
 //! Cases of the AdamW update (f32 and bf16 gradients, no compute copy or an f32 or bf16 one,
-//! first and tenth step) and of the sum of squares behind global-norm clipping.
+//! first and tenth step), of its multi-tensor form (pieces with and without decay, gaps of
+//! padding between them that must stay untouched), and of the sum of squares behind global-norm
+//! clipping.
 
-use crate::backend::{AdamWStep, Backend, DType};
+use crate::backend::{AdamWSegment, AdamWStep, Backend, DType};
 use crate::check::harness::Ctx;
 use crate::check::random::{between, uniform};
 
@@ -47,6 +49,77 @@ pub(super) fn adamw<S: Backend>(cx: &mut Ctx<'_, S>) {
                         )
                     });
                 }
+            }
+        }
+    }
+}
+
+/// (buffer length, pieces as (offset, len, decays)): one piece, pieces that touch, gaps before,
+/// between and after, and a long piece beside short ones (a block's matrices and biases).
+const SEGMENT_CASES: [(usize, &[(usize, usize, bool)]); 4] = [
+    (1, &[(0, 1, true)]),
+    (300, &[(0, 100, true), (100, 7, false), (107, 193, true)]),
+    (
+        1000,
+        &[
+            (3, 250, false),
+            (260, 1, true),
+            (261, 512, true),
+            (900, 99, false),
+        ],
+    ),
+    (
+        5000,
+        &[(0, 4096, true), (4100, 33, false), (4200, 768, false)],
+    ),
+];
+
+pub(super) fn adamw_segments<S: Backend>(cx: &mut Ctx<'_, S>) {
+    for (n, pieces) in SEGMENT_CASES {
+        let segments: Vec<AdamWSegment> = pieces
+            .iter()
+            .map(|&(offset, len, decay)| AdamWSegment { offset, len, decay })
+            .collect();
+        for grad_dtype in [DType::F32, DType::Bf16] {
+            for copy_dtype in [None, Some(DType::Bf16)] {
+                // A large step and decay, so that a piece updated with the wrong decay, or a gap
+                // updated at all, is off by more than the bf16 cases' tolerance.
+                let hp = AdamWStep {
+                    lr: 0.05,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.5,
+                    step: 3,
+                    grad_scale: 0.8,
+                };
+                let copy = copy_dtype.map_or("none".to_string(), |d| d.to_string());
+                let case = format!(
+                    "n={n} {} pieces grad {grad_dtype} param_copy {copy}",
+                    segments.len()
+                );
+                let segments = segments.clone();
+                cx.case(case, move |t, rng| {
+                    let grad = t.input("grad", &uniform(rng, n, 1.0), grad_dtype)?;
+                    let param = t.in_place("param", &uniform(rng, n, 1.0), DType::F32)?;
+                    let m = t.in_place("m", &between(rng, n, -0.02, 0.05), DType::F32)?;
+                    let v = t.in_place("v", &between(rng, n, 0.0, 3e-3), DType::F32)?;
+                    // In place, not overwritten: the gaps must keep their values.
+                    let copy = match copy_dtype {
+                        Some(d) => Some(t.in_place("param_copy", &uniform(rng, n, 1.0), d)?),
+                        None => None,
+                    };
+                    t.run(
+                        |be| {
+                            let c = copy.as_ref().map(|c| &c.s);
+                            be.adamw_segments(&param.s, &grad.s, &m.s, &v.s, c, &segments, &hp)
+                        },
+                        |be| {
+                            let c = copy.as_ref().map(|c| &c.r);
+                            be.adamw_segments(&param.r, &grad.r, &m.r, &v.r, c, &segments, &hp)
+                        },
+                    )
+                });
             }
         }
     }
