@@ -36,13 +36,12 @@ fn row_threads(cols: usize, dtype: DType, elems: usize) -> Option<u32> {
     (threads <= LAYERNORM_ROW_MAX_THREADS as usize).then_some(threads as u32)
 }
 
+/// A launch's grid or block dimensions.
+type Dims = (u32, u32, u32);
+
 /// Grid and block of the register-resident forward: a warp per row, 8 rows a block, when a warp
 /// holds the row (GPT-2's 768 in either dtype), else one block per row.
-pub(super) fn forward_geometry(
-    rows: usize,
-    cols: usize,
-    dtype: DType,
-) -> Option<((u32, u32, u32), (u32, u32, u32))> {
+pub(super) fn forward_geometry(rows: usize, cols: usize, dtype: DType) -> Option<(Dims, Dims)> {
     let threads = row_threads(cols, dtype, FORWARD_ELEMS)?;
     Some(if threads == 32 {
         let blocks = rows.div_ceil(FORWARD_WARP_ROWS as usize) as u32;
