@@ -8,14 +8,15 @@ use crate::check::random::{ids, normal};
 
 /// (rows, vocab, elements before the logits in their allocation). Odd vocabularies start each row
 /// at a different 16-byte phase (the kernel reads a scalar head, vectors, a scalar tail); vocab 1
-/// is all head; the offset case misaligns rows that would otherwise all be aligned.
+/// is all head; the offset case misaligns rows that would otherwise all be aligned. The first four
+/// come first so that they keep the random values they always had (the cases share one stream).
 const SHAPES: [(usize, usize, usize); 8] = [
-    (1, 1, 0),
     (1, 2, 0),
     (7, 5, 0),
-    (5, 17, 0),
     (33, 257, 0),
     (64, 1000, 0),
+    (1, 1, 0),
+    (5, 17, 0),
     (5, 1000, 3),
     (3, 50304, 0),
 ];
