@@ -56,6 +56,8 @@ pub(crate) struct Trial<'a, S: Backend> {
     reference: &'a Reference,
     operands: Vec<Operand<S>>,
     bf16: bool,
+    /// Elements before each operand's first one in its allocation (see [`Trial::offset_views`]).
+    view_offset: usize,
 }
 
 impl<'a, S: Backend> Trial<'a, S> {
@@ -65,7 +67,23 @@ impl<'a, S: Backend> Trial<'a, S> {
             reference,
             operands: Vec::new(),
             bf16: false,
+            view_offset: 0,
         }
+    }
+
+    /// Operands made after this call are views starting `elements` into their allocation, so a
+    /// kernel sees addresses that are not 16-byte aligned (views may start at any element).
+    pub(crate) fn offset_views(&mut self, elements: usize) {
+        self.view_offset = elements;
+    }
+
+    /// A new `len`-element `dtype` buffer on each backend, at the current view offset.
+    fn alloc_pair(&self, len: usize, dtype: DType) -> Result<(S::Buf, CpuBuf<f64>)> {
+        let (off, total) = (self.view_offset, self.view_offset + len);
+        let s = self.subject.alloc(total, dtype);
+        let s = s.and_then(|s| self.subject.slice(&s, off, len))?;
+        let r = self.reference.alloc(total, dtype)?;
+        Ok((s, self.reference.slice(&r, off, len)?))
     }
 
     /// The reference backend, for computing inputs from its own outputs.
@@ -76,10 +94,10 @@ impl<'a, S: Backend> Trial<'a, S> {
     /// `values` uploaded to a new `dtype` buffer on each backend.
     fn upload(&mut self, name: &'static str, values: &[f32], dtype: DType) -> Result<Pair<S>> {
         self.bf16 |= dtype == DType::Bf16;
-        let s = self.subject.alloc(values.len(), dtype);
-        let s = s.and_then(|s| self.subject.upload(&s, values).map(|()| s));
-        let s = s.with_context(|| format!("subject: allocating and uploading `{name}`"))?;
-        let r = self.reference.alloc(values.len(), dtype)?;
+        let pair = self.alloc_pair(values.len(), dtype);
+        let (s, r) = pair.with_context(|| format!("allocating `{name}`"))?;
+        let up = self.subject.upload(&s, values);
+        up.with_context(|| format!("subject: uploading `{name}`"))?;
         self.reference.upload(&r, values)?;
         Ok(Pair { s, r })
     }
@@ -112,17 +130,15 @@ impl<'a, S: Backend> Trial<'a, S> {
         dtype: DType,
     ) -> Result<Pair<S>> {
         self.bf16 |= dtype == DType::Bf16;
-        let s = self.subject.alloc(len, dtype);
-        let s = s.and_then(|s| self.subject.upload(&s, &vec![POISON; len]).map(|()| s));
-        let s = s.with_context(|| format!("subject: allocating and poisoning `{name}`"))?;
+        let pair = self.alloc_pair(len, dtype);
+        let (s, r) = pair.with_context(|| format!("allocating `{name}`"))?;
+        let up = self.subject.upload(&s, &vec![POISON; len]);
+        up.with_context(|| format!("subject: poisoning `{name}`"))?;
         // What a poisoned element reads back as (the payload may not survive every upload path).
         let back = self.subject.download(&s);
         let back = back.with_context(|| format!("subject: reading back poisoned `{name}`"))?;
         let poison = back.first().filter(|x| x.is_nan()).map(|x| x.to_bits());
-        let pair = Pair {
-            s,
-            r: self.reference.alloc(len, dtype)?,
-        };
+        let pair = Pair { s, r };
         self.register(name, &pair, Role::Overwritten { poison });
         Ok(pair)
     }

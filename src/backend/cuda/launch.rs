@@ -12,8 +12,11 @@ pub(super) const BLOCK: u32 = 256;
 /// Block of the column-parallel reductions (bias and LayerNorm parameter gradients): 32 columns
 /// by 8 row lanes.
 pub(super) const COLUMN_BLOCK: (u32, u32, u32) = (32, 8, 1);
-/// Largest block of the one-block-per-row LayerNorm kernels.
+/// Largest block of the one-block-per-row LayerNorm kernels for rows too wide for registers.
 pub(super) const LAYERNORM_MAX_BLOCK: u32 = 256;
+/// Most threads holding one row of the register-resident LayerNorm kernels (`layernorm.rs` picks
+/// fewer for narrower rows): what their registers must fit.
+pub(super) const LAYERNORM_ROW_MAX_THREADS: u32 = 512;
 /// Largest block of the one-block-per-row cross-entropy kernel (vocabularies are wide).
 pub(super) const CROSS_ENTROPY_MAX_BLOCK: u32 = 1024;
 /// Query (or key) rows per attention block, one thread each: `attention_tile` in
@@ -32,8 +35,10 @@ pub(super) fn max_block_threads(kernel: &str) -> u32 {
     let family = |prefix: &str| kernel.starts_with(prefix);
     if family("layernorm_backward_params") || family("column_partial_sums") {
         COLUMN_BLOCK.0 * COLUMN_BLOCK.1 * COLUMN_BLOCK.2
-    } else if family("layernorm_forward") || family("layernorm_backward_input") {
+    } else if family("layernorm_forward_wide") || family("layernorm_backward_input_wide") {
         LAYERNORM_MAX_BLOCK
+    } else if family("layernorm_forward") || family("layernorm_backward") {
+        LAYERNORM_ROW_MAX_THREADS
     } else if family("cross_entropy") {
         CROSS_ENTROPY_MAX_BLOCK
     } else if family("attention_") && !family("attention_backward_preprocess") {

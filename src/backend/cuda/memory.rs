@@ -71,6 +71,10 @@ impl DeviceMemory {
     pub(super) fn ptr(&self) -> u64 {
         self.ptr
     }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl Drop for DeviceMemory {

@@ -16,10 +16,12 @@ mod blas;
 mod device;
 pub mod driver;
 mod launch;
+mod layernorm;
 mod memory;
 mod ops;
 mod optim;
 mod profile;
+mod scratch;
 
 use std::sync::{Arc, OnceLock};
 
@@ -34,6 +36,7 @@ use driver::{Event, Stream};
 use launch::{grid_for, launch, Arg, BLOCK};
 use memory::DeviceMemory;
 use profile::OpProfiler;
+use scratch::Scratch;
 
 /// One rank's view of a device: its stream, matmul workspace and memory counts, and a second
 /// backend on a stream of its own for communication (the comm lane).
@@ -42,6 +45,8 @@ pub struct CudaBackend {
     stream: Arc<dyn Stream>,
     /// Made at the first matmul (the comm lane never needs one).
     blas: OnceLock<Blas>,
+    /// Partial sums kept between the passes of multi-kernel ops, grown on demand.
+    scratch: Scratch,
     stats: Arc<MemoryStats>,
     profiler: OpProfiler,
     /// The multi-tensor AdamW's device tables of tensor pieces.
@@ -130,6 +135,7 @@ impl CudaBackend {
             device: device.clone(),
             stream: device.driver.new_stream()?,
             blas: OnceLock::new(),
+            scratch: Scratch::default(),
             stats: stats.clone(),
             profiler: OpProfiler::default(),
             segment_tables: optim::SegmentTables::default(),

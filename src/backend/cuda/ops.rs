@@ -8,7 +8,6 @@ use half::bf16;
 
 use super::launch::{
     attention_tile, grid_for, int, row_block, Arg, BLOCK, COLUMN_BLOCK, CROSS_ENTROPY_MAX_BLOCK,
-    LAYERNORM_MAX_BLOCK,
 };
 use super::optim::{adamw_outputs, hyper_args};
 use super::{long, no_overlap, ptr, same_dtype, tn, CudaBackend, CudaBuf, CudaIds, CudaMark};
@@ -310,21 +309,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.timed(op, || {
-            self.run(
-                &format!("layernorm_forward_{}", tn(out.dtype)),
-                (rows as u32, 1, 1),
-                (row_block(cols, LAYERNORM_MAX_BLOCK), 1, 1),
-                &[
-                    ptr(out),
-                    ptr(mean),
-                    ptr(rstd),
-                    ptr(inp),
-                    ptr(weight),
-                    ptr(bias),
-                    int("rows", rows)?,
-                    int("cols", cols)?,
-                ],
-            )
+            self.queue_layernorm_forward(out, mean, rstd, inp, weight, bias, rows, cols)
         })
     }
 
@@ -365,41 +350,9 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i) = (int("rows", rows)?, int("cols", cols)?);
         self.timed(op, || {
-            self.run(
-                &format!("layernorm_backward_input_{}", tn(dinp.dtype)),
-                (rows as u32, 1, 1),
-                (row_block(cols, LAYERNORM_MAX_BLOCK), 1, 1),
-                &[
-                    ptr(dinp),
-                    ptr(dout),
-                    ptr(inp),
-                    ptr(weight),
-                    ptr(mean),
-                    ptr(rstd),
-                    rows_i,
-                    cols_i,
-                ],
-            )?;
-            self.run(
-                &format!(
-                    "layernorm_backward_params_{}_{}",
-                    tn(dout.dtype),
-                    tn(dweight.dtype)
-                ),
-                (cols.div_ceil(32) as u32, 1, 1),
-                COLUMN_BLOCK,
-                &[
-                    ptr(dweight),
-                    ptr(dbias),
-                    ptr(dout),
-                    ptr(inp),
-                    ptr(mean),
-                    ptr(rstd),
-                    rows_i,
-                    cols_i,
-                ],
+            self.queue_layernorm_backward(
+                dinp, dweight, dbias, dout, inp, weight, mean, rstd, rows, cols,
             )
         })
     }
@@ -633,7 +586,15 @@ impl Backend for CudaBackend {
             self.run(
                 &format!("cross_entropy_{}", tn(logits.dtype)),
                 (rows as u32, 1, 1),
-                (row_block(vocab, CROSS_ENTROPY_MAX_BLOCK), 1, 1),
+                // A thread per 16-byte vector of the row, up to the largest block.
+                (
+                    row_block(
+                        vocab.div_ceil(16 / logits.dtype.size_bytes()),
+                        CROSS_ENTROPY_MAX_BLOCK,
+                    ),
+                    1,
+                    1,
+                ),
                 &[
                     ptr(losses),
                     ptr(logits),
