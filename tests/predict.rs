@@ -634,8 +634,7 @@ fn predict_sets_a_measured_table_beside_the_prediction() {
     let line = |op: &str| {
         stdout
             .lines()
-            .filter(|l| l.starts_with(&format!("{op} ")))
-            .last()
+            .rfind(|l| l.starts_with(&format!("{op} ")))
             .unwrap_or_else(|| panic!("no {op} row:\n{stdout}"))
             .to_string()
     };
