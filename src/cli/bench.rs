@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 
+use super::predict::{predict_command, PredictArgs, PredictRequest};
 use super::run_dir::utc_stamp;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
@@ -29,17 +30,13 @@ pub(super) struct BenchArgs {
     /// YAML config of the job to measure (default: the built-in configs/tiny.yaml).
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// World sizes (ranks as threads sharing the device), comma-separated.
-    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "1,2,4", value_parser = parse_world)]
+    /// World sizes (ranks as threads sharing the device), comma-separated [default: 1,2,4;
+    /// with --predict: the config's parallel.world_size].
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = parse_world)]
     world: Vec<usize>,
-    /// Sharding strategies, comma-separated: full_shard, shard_grad_op, no_shard, hybrid_shard.
-    #[arg(
-        long,
-        value_name = "S,...",
-        value_delimiter = ',',
-        default_value = "full_shard,shard_grad_op,no_shard",
-        value_parser = parse_strategy
-    )]
+    /// Sharding strategies, comma-separated: full_shard, shard_grad_op, no_shard, hybrid_shard
+    /// [default: full_shard,shard_grad_op,no_shard; with --predict: the config's parallel.strategy].
+    #[arg(long, value_name = "S,...", value_delimiter = ',', value_parser = parse_strategy)]
     strategy: Vec<ShardStrategy>,
     /// Timed steps per row.
     #[arg(long, default_value_t = 10, value_name = "N")]
@@ -64,7 +61,17 @@ pub(super) struct BenchArgs {
     /// config's `device`.
     #[arg(long, value_parser = parse_device)]
     device: Option<DeviceKind>,
+    #[command(flatten)]
+    predict: PredictArgs,
 }
+
+/// The default rows of a measuring bench (when --world / --strategy are not given).
+const DEFAULT_WORLDS: [usize; 3] = [1, 2, 4];
+const DEFAULT_STRATEGIES: [ShardStrategy; 3] = [
+    ShardStrategy::FullShard,
+    ShardStrategy::ShardGradOp,
+    ShardStrategy::NoShard,
+];
 
 fn parse_world(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -79,6 +86,24 @@ fn parse_strategy(s: &str) -> Result<ShardStrategy, String> {
 }
 
 pub(super) fn bench_train(args: BenchArgs) -> Result<()> {
+    if args.predict.predict {
+        return predict_command(&PredictRequest {
+            config: args.config.as_deref(),
+            worlds: &args.world,
+            strategies: &args.strategy,
+            sets: &args.set,
+            peak_tflops: args.peak_tflops,
+            json: args.json,
+            flags: &args.predict,
+        });
+    }
+    let mut args = args;
+    if args.world.is_empty() {
+        args.world = DEFAULT_WORLDS.to_vec();
+    }
+    if args.strategy.is_empty() {
+        args.strategy = DEFAULT_STRATEGIES.to_vec();
+    }
     if let Some(plot) = &args.plot {
         check_plot_path(plot)?;
     }

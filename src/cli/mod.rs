@@ -6,6 +6,7 @@ mod bench;
 mod eval;
 mod nccl_ids;
 mod plan;
+mod predict;
 pub mod run_dir;
 pub mod run_lock;
 mod tokenize;

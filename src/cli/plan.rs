@@ -101,6 +101,7 @@ fn request(args: &PlanArgs) -> Result<PlanRequest> {
             peak_tflops: args.peak_tflops,
             intra_bw_gb_s: args.intra_bw,
             inter_bw_gb_s: args.inter_bw,
+            hbm_gb_s: None,
         },
     )?;
     let rate = match &args.calibrate {

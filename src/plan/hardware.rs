@@ -42,6 +42,8 @@ pub struct HardwareOverrides {
     pub intra_bw_gb_s: Option<f64>,
     /// Bus bandwidth per GPU across nodes, GB/s.
     pub inter_bw_gb_s: Option<f64>,
+    /// HBM bandwidth of one GPU, GB/s (the op-level prediction's memory roof).
+    pub hbm_gb_s: Option<f64>,
 }
 
 /// One GPU model and the cluster around it, resolved for one compute dtype.
@@ -58,6 +60,12 @@ pub struct Hardware {
     pub peak_flops: f64,
     /// The dtype `peak_flops` is for.
     pub compute_dtype: DType,
+    /// HBM bandwidth, bytes/s (`None` for a custom card without `--hbm-bw`).
+    pub hbm_bytes_per_s: Option<f64>,
+    /// Non-tensor-core f32 FLOP/s (what CUDA-core kernels such as today's attention run at).
+    pub cuda_core_f32_flops: Option<f64>,
+    /// Streaming multiprocessors: how many blocks a grid needs to occupy the whole card.
+    pub sm_count: Option<usize>,
     pub topology: Topology,
 }
 
@@ -77,6 +85,9 @@ struct Preset {
     peak_f32_tflops: f64,
     intra_bw_gb_s: f64,
     inter_bw_gb_s: f64,
+    /// HBM bandwidth, GB/s (decimal, as the datasheets give it).
+    hbm_gb_s: f64,
+    sm_count: usize,
 }
 
 /// Sources: NVIDIA's H100 / H200 / A100 datasheets (dense peaks, no sparsity); memory as
@@ -84,7 +95,10 @@ struct Preset {
 /// GiB; A100 80 GB: 81920 MiB); NVLink bus bandwidth from nccl-tests: ~370 GB/s for
 /// all_gather / reduce_scatter on 8x H100 (measured, /work/shared/FACTS.md; H200 has the same
 /// NVLink 4), ~230 GB/s on 8x A100 (NVLink 3); across nodes one 400 Gb/s NDR InfiniBand NIC per
-/// GPU (50 GB/s) on H100/H200 systems, 200 Gb/s HDR (25 GB/s) on DGX A100.
+/// GPU (50 GB/s) on H100/H200 systems, 200 Gb/s HDR (25 GB/s) on DGX A100. HBM bandwidth from
+/// the same datasheets: H100 SXM 3.35 TB/s (HBM3), H200 SXM 4.8 TB/s (HBM3e), A100 80 GB SXM
+/// 2.039 TB/s (HBM2e); SMs from NVIDIA's Hopper and Ampere architecture whitepapers (H100 SXM5
+/// and H200: 132, A100: 108).
 fn preset(kind: GpuKind) -> Option<Preset> {
     match kind {
         GpuKind::H100 => Some(Preset {
@@ -94,6 +108,8 @@ fn preset(kind: GpuKind) -> Option<Preset> {
             peak_f32_tflops: 67.0,
             intra_bw_gb_s: 370.0,
             inter_bw_gb_s: 50.0,
+            hbm_gb_s: 3350.0,
+            sm_count: 132,
         }),
         GpuKind::H200 => Some(Preset {
             description: "NVIDIA H200 SXM 141 GB",
@@ -102,6 +118,8 @@ fn preset(kind: GpuKind) -> Option<Preset> {
             peak_f32_tflops: 67.0,
             intra_bw_gb_s: 370.0,
             inter_bw_gb_s: 50.0,
+            hbm_gb_s: 4800.0,
+            sm_count: 132,
         }),
         GpuKind::A100 => Some(Preset {
             description: "NVIDIA A100 SXM 80 GB",
@@ -110,6 +128,8 @@ fn preset(kind: GpuKind) -> Option<Preset> {
             peak_f32_tflops: 19.5,
             intra_bw_gb_s: 230.0,
             inter_bw_gb_s: 25.0,
+            hbm_gb_s: 2039.0,
+            sm_count: 108,
         }),
         GpuKind::Custom => None,
     }
@@ -180,6 +200,10 @@ pub fn resolve(
                 .map_or(CUSTOM_INTER_BW_GB_S, |p| p.inter_bw_gb_s),
         ),
     )?;
+    let hbm_gb_s = match (overrides.hbm_gb_s, preset.as_ref()) {
+        (Some(v), _) => Some(positive("--hbm-bw", v)?),
+        (None, p) => p.map(|p| p.hbm_gb_s),
+    };
     let description = preset
         .as_ref()
         .map_or("custom GPU", |p| p.description)
@@ -191,6 +215,9 @@ pub fn resolve(
         headroom: MEMORY_HEADROOM,
         peak_flops: peak_tflops * 1e12,
         compute_dtype: dtype,
+        hbm_bytes_per_s: hbm_gb_s.map(|g| g * 1e9),
+        cuda_core_f32_flops: preset.as_ref().map(|p| p.peak_f32_tflops * 1e12),
+        sm_count: preset.as_ref().map(|p| p.sm_count),
         topology: Topology {
             gpus_per_node,
             intra: Link {
@@ -218,6 +245,30 @@ mod tests {
         let f32_a100 = resolve(GpuKind::A100, DType::F32, 8, HardwareOverrides::default()).unwrap();
         assert_eq!(f32_a100.peak_flops, 19.5e12);
         assert_eq!(f32_a100.topology.intra.bus_gb_per_s, 230.0);
+        // The op-level prediction's memory roof: the datasheets' HBM bandwidth.
+        let h200 = resolve(GpuKind::H200, DType::Bf16, 8, HardwareOverrides::default()).unwrap();
+        assert_eq!(h100.hbm_bytes_per_s, Some(3.35e12));
+        assert_eq!(h200.hbm_bytes_per_s, Some(4.8e12));
+        assert_eq!(
+            (h200.sm_count, h200.cuda_core_f32_flops),
+            (Some(132), Some(67e12))
+        );
+        let custom = resolve(
+            GpuKind::Custom,
+            DType::Bf16,
+            8,
+            HardwareOverrides {
+                memory_gib: Some(40.0),
+                peak_tflops: Some(100.0),
+                hbm_gb_s: Some(1000.0),
+                ..HardwareOverrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (custom.hbm_bytes_per_s, custom.sm_count),
+            (Some(1e12), None)
+        );
     }
 
     #[test]

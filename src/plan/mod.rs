@@ -6,14 +6,19 @@
 //!
 //! One job per module: `hardware` (GPU presets, memory budget), `rate` (the compute rate, assumed
 //! or calibrated), `comm` (ring costs, which link), `memory` (bytes per rank), `step` (step time),
-//! `capacity` (largest model), `report` (the table and the JSON).
+//! `capacity` (largest model), `report` (the table and the JSON); and, op by op, `ops` (every op
+//! of a step with its FLOPs and bytes), `roofline` (their predicted times per kernel generation),
+//! `predict_report` (that table, and the measured one beside it): `shardtrain bench --predict`.
 
 pub mod capacity;
 pub mod comm;
 pub mod hardware;
 pub mod memory;
+pub mod ops;
+pub mod predict_report;
 pub mod rate;
 pub mod report;
+pub mod roofline;
 pub mod step;
 
 use serde::Serialize;
