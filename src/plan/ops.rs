@@ -534,7 +534,7 @@ pub fn step_calls(w: &Workload, plan: &ShardPlan, accum: usize, k: &KernelProfil
         }
     }
 
-    // ---- train::rank: clipping norm, then AdamW per tensor segment of rank 0's shards ----
+    // ---- train::rank: clipping norm, then AdamW per unit of rank 0's shards ----
     for unit in &shards.units {
         let len = unit.shard_len as f64;
         c.push(
@@ -544,22 +544,25 @@ pub fn step_calls(w: &Workload, plan: &ShardPlan, accum: usize, k: &KernelProfil
     }
     let master = plan.param_dtype != DType::F32;
     for u in 0..shards.units.len() {
-        for seg in shards.segments(&layout, u, 0) {
-            let len = seg.len as f64;
-            // param (f32 master), grad, m, v read; param, m, v written; the compute copy written.
-            let copy = if master { b.act } else { 0.0 };
-            let bytes = len * (7.0 * b.f32 + copy);
-            c.push(
+        // One multi-tensor launch per unit, over its tensor pieces (padding untouched).
+        let len: f64 = shards
+            .segments(&layout, u, 0)
+            .iter()
+            .map(|seg| seg.len as f64)
+            .sum();
+        // param (f32 master), grad, m, v read; param, m, v written; the compute copy written.
+        let copy = if master { b.act } else { 0.0 };
+        let bytes = len * (7.0 * b.f32 + copy);
+        c.push(
+            1,
+            memory_op(
+                "adamw",
+                "per unit, every tensor piece",
                 1,
-                memory_op(
-                    "adamw",
-                    "per tensor segment",
-                    1,
-                    ADAMW_FLOPS_PER_ELEMENT * len,
-                    bytes,
-                ),
-            );
-        }
+                ADAMW_FLOPS_PER_ELEMENT * len,
+                bytes,
+            ),
+        );
     }
     c.list
 }
