@@ -39,7 +39,8 @@ pub(super) fn forward_kernel_for(
     qkv_addr: u64,
     out_addr: u64,
 ) -> Option<&'static str> {
-    forward_kernel(dtype, head_dim).filter(|_| qkv_addr % 16 == 0 && out_addr % 4 == 0)
+    forward_kernel(dtype, head_dim)
+        .filter(|_| qkv_addr.is_multiple_of(16) && out_addr.is_multiple_of(4))
 }
 
 /// Grid: (query tiles of 64, batch x heads); the kernel starts the longest tiles first.
