@@ -136,6 +136,13 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "attention_backward_dq_bf16_hs128",
         ],
     ),
+    (
+        "attention_tc_forward",
+        &[
+            "attention_tc_forward_bf16_hs64",
+            "attention_tc_forward_bf16_hs128",
+        ],
+    ),
     ("classifier", &["cross_entropy_f32", "cross_entropy_bf16"]),
     (
         "adamw",

@@ -33,7 +33,9 @@ pub(super) fn attention_tile(head_dim: usize) -> u32 {
 /// must fit (a block needs registers x threads <= 65536 on every GPU since Volta).
 pub(super) fn max_block_threads(kernel: &str) -> u32 {
     let family = |prefix: &str| kernel.starts_with(prefix);
-    if family("layernorm_backward_params") || family("column_partial_sums") {
+    if family("attention_tc_") {
+        super::attention_tc::TC_THREADS
+    } else if family("layernorm_backward_params") || family("column_partial_sums") {
         COLUMN_BLOCK.0 * COLUMN_BLOCK.1 * COLUMN_BLOCK.2
     } else if family("layernorm_forward_wide") || family("layernorm_backward_input_wide") {
         LAYERNORM_MAX_BLOCK
@@ -74,6 +76,19 @@ pub(super) fn launch(
     block: (u32, u32, u32),
     args: &[Arg],
 ) -> Result<()> {
+    launch_with_smem(stream, name, grid, block, 0, args)
+}
+
+/// Launches `name` with `dynamic_smem_bytes` of dynamic shared memory (above 48 KiB the kernel
+/// needs the device's opt-in first: `Driver::set_max_dynamic_smem`).
+pub(super) fn launch_with_smem(
+    stream: &dyn Stream,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    dynamic_smem_bytes: u32,
+    args: &[Arg],
+) -> Result<()> {
     // The resource check of every kernel (the tests below) assumes these bounds: a launcher that
     // grows a block past them must grow the bound too, and so be checked again.
     let threads = block.0 * block.1 * block.2;
@@ -87,7 +102,7 @@ pub(super) fn launch(
     let geometry = Geometry {
         grid,
         block,
-        dynamic_smem_bytes: 0,
+        dynamic_smem_bytes,
     };
     // SAFETY: every kernel's argument list is built by its launcher in `ops.rs` to match the C
     // signature in kernels/*.cu, with device addresses of live buffers whose lengths were checked

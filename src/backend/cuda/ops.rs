@@ -404,6 +404,10 @@ impl Backend for CudaBackend {
         }
         let grid = attention_grid(shape);
         self.timed(op, || {
+            // bf16 at head sizes 64 and 128: tensor cores (attention_tc.rs).
+            if self.attention_forward_tc(out, lse, qkv, shape)? {
+                return Ok(());
+            }
             self.run(
                 &format!("attention_forward_{}_hs{hs}", tn(out.dtype)),
                 grid,

@@ -40,6 +40,38 @@ fn shapes() -> impl Iterator<Item = (AttentionShape, DType)> {
         })
 }
 
+/// Forward only: the tiling of the tensor-core kernel (bf16 at head sizes 64 and 128; query and key
+/// tiles of 64, double-buffered): one whole tile, one short of and one past a tile, two tiles,
+/// partial last tiles of 8 and 1 rows, five tiles (both pipeline stages reused twice).
+const FORWARD_TILING_SHAPES: [(usize, usize, usize, usize); 12] = [
+    (2, 64, 2, 64),
+    (2, 127, 2, 64),
+    (2, 128, 2, 64),
+    (2, 129, 2, 64),
+    (2, 200, 2, 64),
+    (2, 257, 2, 64),
+    (2, 64, 2, 128),
+    (2, 127, 2, 128),
+    (2, 128, 2, 128),
+    (2, 129, 2, 128),
+    (2, 200, 2, 128),
+    (2, 257, 2, 128),
+];
+
+fn forward_tiling_shapes() -> impl Iterator<Item = (AttentionShape, DType)> {
+    FORWARD_TILING_SHAPES
+        .into_iter()
+        .flat_map(|(batch, seq, heads, head_dim)| {
+            let shape = AttentionShape {
+                batch,
+                seq,
+                heads,
+                head_dim,
+            };
+            [(shape, DType::F32), (shape, DType::Bf16)]
+        })
+}
+
 fn describe(s: &AttentionShape, dtype: DType) -> String {
     format!(
         "batch={} seq={} heads={} head_dim={} {dtype}",
@@ -61,7 +93,7 @@ fn sizes(s: &AttentionShape) -> (usize, usize, usize) {
 // nor one-hot.
 
 pub(super) fn forward<S: Backend>(cx: &mut Ctx<'_, S>) {
-    for (shape, dtype) in shapes() {
+    for (shape, dtype) in shapes().chain(forward_tiling_shapes()) {
         cx.case(describe(&shape, dtype), |t, rng| {
             let (n_qkv, n_out, n_lse) = sizes(&shape);
             let qkv = t.input("qkv", &normal(rng, n_qkv, 1.0), dtype)?;
