@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification in one go: every CUDA op against the CPU reference, the tiny job on the GPU
-# against the CPU, ranks sharing the GPU against one rank, and GPT-2 124M timed beside PyTorch.
+# against the CPU, ranks sharing the GPU against one rank, and GPT-2 124M timed beside PyTorch,
+# its measured per-op table set beside the roofline prediction.
 #
 #   scripts/gpu-check.sh --prepare   on a build machine: release build with every kernel compiled,
 #                                    copied with the PyTorch anchor into gpu-bin/ (git-ignored)
@@ -147,6 +148,13 @@ for t in s["op_times"]:
     print(f"{t['op']:<22}{t['calls']:>8}{t['total_ms'] / steps:>10.2f}{100 * t['total_ms'] / total:>7.1f}%")
 print(f"{'(sum of op times)':<22}{'':>8}{total / steps:>10.2f}")
 EOF
+
+note "4b. the measured per-op table beside the roofline prediction (bench --predict)"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+case "$card" in *H200*) preset=h200 ;; *A100*) preset=a100 ;; *) preset=h100 ;; esac
+check "gpt2 prediction vs measured" "$BIN" bench --predict --gpu "$preset" \
+    --config configs/gpt2-124m.yaml --set train.global_batch_size=16 \
+    --measured "$OUT/gpt2/summary.json"
 
 note "6. collective bandwidth: 4 ranks sharing the GPU (device-to-device copies), for reference"
 check "bench comm" "$BIN" bench comm --device cuda --world 4 --max-bytes 256M --iters 5
