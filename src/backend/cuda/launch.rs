@@ -36,6 +36,8 @@ pub(super) fn max_block_threads(kernel: &str) -> u32 {
         LAYERNORM_MAX_BLOCK
     } else if family("cross_entropy") {
         CROSS_ENTROPY_MAX_BLOCK
+    } else if family("attention_tc_") {
+        super::attention_tc_backward::THREADS
     } else if family("attention_") && !family("attention_backward_preprocess") {
         attention_tile(if kernel.ends_with("_hs128") { 128 } else { 64 })
     } else {
@@ -69,6 +71,19 @@ pub(super) fn launch(
     block: (u32, u32, u32),
     args: &[Arg],
 ) -> Result<()> {
+    launch_with_smem(stream, name, grid, block, 0, args)
+}
+
+/// Launches `name` with `dynamic_smem_bytes` of dynamic shared memory (above 48 KiB the kernel
+/// needs `Driver::set_max_dynamic_smem` first).
+pub(super) fn launch_with_smem(
+    stream: &dyn Stream,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    dynamic_smem_bytes: u32,
+    args: &[Arg],
+) -> Result<()> {
     // The resource check of every kernel (the tests below) assumes these bounds: a launcher that
     // grows a block past them must grow the bound too, and so be checked again.
     let threads = block.0 * block.1 * block.2;
@@ -82,7 +97,7 @@ pub(super) fn launch(
     let geometry = Geometry {
         grid,
         block,
-        dynamic_smem_bytes: 0,
+        dynamic_smem_bytes,
     };
     // SAFETY: every kernel's argument list is built by its launcher in `ops.rs` to match the C
     // signature in kernels/*.cu, with device addresses of live buffers whose lengths were checked

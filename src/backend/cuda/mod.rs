@@ -12,6 +12,7 @@
 //! no global state: a [`CudaDevice`] (driver and kernels) is shared by the ranks on one device,
 //! and each rank's backend owns its streams, its matmul workspace, and its memory counts.
 
+mod attention_tc_backward;
 mod blas;
 mod device;
 pub mod driver;
