@@ -234,8 +234,11 @@ __device__ void attention_tc_backward_dq(bf16* dqkv, const bf16* dout, const bf1
     b16* Ks = dOs + TE;      // [2][TE]
     b16* Vs = Ks + 2 * TE;   // [2][TE]
 
+    // Blocks start in index order: the last query tile, which has the most key tiles, goes first
+    // so the short ones fill in at the end.
+    const int qt = gridDim.x - 1 - blockIdx.x;
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-    const int q0 = blockIdx.x * TC_TILE;
+    const int q0 = qt * TC_TILE;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int64_t qkv_stride = 3 * (int64_t)heads * HS, out_stride = (int64_t)heads * HS;
     const bf16* q_base = qkv + tc_qkv_at(b, 0, 0, h, seq, heads, HS);
@@ -263,7 +266,7 @@ __device__ void attention_tc_backward_dq(bf16* dqkv, const bf16* dout, const bf1
 
     float dq[NH][4];
     tc_zero<NH>(dq);
-    const int last = blockIdx.x;  // causal: key tiles 0 .. the diagonal
+    const int last = qt;  // causal: key tiles 0 .. the diagonal
     for (int kt = 0; kt <= last; kt++) {
         const int s = kt & 1;
         if (kt + 1 <= last) issue((kt + 1) * TC_TILE, s ^ 1);
