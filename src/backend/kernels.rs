@@ -143,6 +143,15 @@ pub const EXPECTED_ENTRIES: &[(&str, &[&str])] = &[
             "attention_tc_forward_bf16_hs128",
         ],
     ),
+    (
+        "attention_tc_backward",
+        &[
+            "attention_tc_backward_dkdv_bf16_hs64",
+            "attention_tc_backward_dq_bf16_hs64",
+            "attention_tc_backward_dkdv_bf16_hs128",
+            "attention_tc_backward_dq_bf16_hs128",
+        ],
+    ),
     ("classifier", &["cross_entropy_f32", "cross_entropy_bf16"]),
     (
         "adamw",

@@ -33,8 +33,10 @@ pub(super) fn attention_tile(head_dim: usize) -> u32 {
 /// must fit (a block needs registers x threads <= 65536 on every GPU since Volta).
 pub(super) fn max_block_threads(kernel: &str) -> u32 {
     let family = |prefix: &str| kernel.starts_with(prefix);
-    if family("attention_tc_") {
+    if family("attention_tc_forward") {
         super::attention_tc::TC_THREADS
+    } else if family("attention_tc_backward") {
+        super::attention_tc_backward::THREADS
     } else if family("layernorm_backward_params") || family("column_partial_sums") {
         COLUMN_BLOCK.0 * COLUMN_BLOCK.1 * COLUMN_BLOCK.2
     } else if family("layernorm_forward_wide") || family("layernorm_backward_input_wide") {

@@ -13,6 +13,7 @@
 //! and each rank's backend owns its streams, its matmul workspace, and its memory counts.
 
 mod attention_tc;
+mod attention_tc_backward;
 mod blas;
 mod device;
 pub mod driver;

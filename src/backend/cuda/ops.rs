@@ -10,7 +10,10 @@ use super::launch::{
     attention_tile, grid_for, int, row_block, Arg, BLOCK, COLUMN_BLOCK, CROSS_ENTROPY_MAX_BLOCK,
 };
 use super::optim::{adamw_outputs, hyper_args};
-use super::{long, no_overlap, ptr, same_dtype, tn, CudaBackend, CudaBuf, CudaIds, CudaMark};
+use super::{
+    attention_tc_backward, long, no_overlap, ptr, same_dtype, tn, CudaBackend, CudaBuf, CudaIds,
+    CudaMark,
+};
 use crate::backend::{
     expect_dtype, expect_len, shapes, AdamWSegment, AdamWStep, AttentionShape, Backend, DType,
     MatmulSpec, OpTime, TimingMark,
@@ -475,6 +478,9 @@ impl Backend for CudaBackend {
                 seq,
                 heads,
             ];
+            if attention_tc_backward::takes(dqkv.dtype, hs, &[dqkv, dout, qkv]) {
+                return self.attention_backward_tc(&args, shape, hs);
+            }
             self.run(
                 &format!("attention_backward_dkdv_{t}_hs{hs}"),
                 grid,

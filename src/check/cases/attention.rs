@@ -1,6 +1,7 @@
 //! Cases of causal attention forward and backward: head sizes 32, 64 and 128, sequences of 1 to 130
 //! (one token, odd, a tile, a tile plus one, two tiles plus two; head size 128 has tiles of 32),
-//! f32 and bf16. `lse` is f32.
+//! f32 and bf16, and for the backward the tensor-core kernels' tiles of 64 (sequences 64 to 257 at
+//! head sizes 64 and 128). `lse` is f32.
 
 use anyhow::Result;
 
@@ -26,9 +27,32 @@ const SHAPES: [(usize, usize, usize, usize); 13] = [
     (2, 66, 1, 128),
 ];
 
+/// Backward only, for the tensor-core kernels' tiles of 64 (bf16 at head sizes 64 and 128): one
+/// tile, one short of two, two, two plus one, a partial third, four plus one.
+const BACKWARD_TILE_SHAPES: [(usize, usize, usize, usize); 12] = [
+    (2, 64, 2, 64),
+    (2, 127, 2, 64),
+    (2, 128, 2, 64),
+    (2, 129, 2, 64),
+    (2, 200, 2, 64),
+    (2, 257, 2, 64),
+    (2, 64, 2, 128),
+    (2, 127, 2, 128),
+    (2, 128, 2, 128),
+    (2, 129, 2, 128),
+    (2, 200, 2, 128),
+    (2, 257, 2, 128),
+];
+
 fn shapes() -> impl Iterator<Item = (AttentionShape, DType)> {
-    SHAPES
-        .into_iter()
+    with_dtypes(&SHAPES)
+}
+
+fn with_dtypes(
+    list: &'static [(usize, usize, usize, usize)],
+) -> impl Iterator<Item = (AttentionShape, DType)> {
+    list.iter()
+        .copied()
         .flat_map(|(batch, seq, heads, head_dim)| {
             let shape = AttentionShape {
                 batch,
@@ -123,7 +147,7 @@ fn reference_forward(
 }
 
 pub(super) fn backward<S: Backend>(cx: &mut Ctx<'_, S>) {
-    for (shape, dtype) in shapes() {
+    for (shape, dtype) in shapes().chain(with_dtypes(&BACKWARD_TILE_SHAPES)) {
         cx.case(describe(&shape, dtype), |t, rng| {
             let (n_qkv, n_out, _) = sizes(&shape);
             let qkv = t.input("qkv", &normal(rng, n_qkv, 1.0), dtype)?;
