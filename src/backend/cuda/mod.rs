@@ -15,6 +15,7 @@
 mod blas;
 mod device;
 pub mod driver;
+mod fused_linear;
 mod launch;
 mod memory;
 mod ops;
