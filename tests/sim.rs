@@ -306,7 +306,9 @@ fn fused_ops_issued(n: usize) -> Vec<String> {
     let (m, k) = (5, 7);
     let buf = |len: usize| {
         let b = be.alloc(len, DType::F32).unwrap();
-        let values: Vec<f32> = (0..len).map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.5).collect();
+        let values: Vec<f32> = (0..len)
+            .map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.5)
+            .collect();
         be.upload(&b, &values).unwrap();
         b
     };
@@ -334,12 +336,24 @@ fn fused_ops_issued(n: usize) -> Vec<String> {
         .unwrap();
     let (dpre, dw, db) = (buf(m * n), buf(n * k), buf(n));
     let w_t = buf(k * n);
-    be.matmul_dgelu(&dpre, Some(&db), &dy, &w_t, &pre, spec(false, false, m, n, k))
-        .unwrap();
+    be.matmul_dgelu(
+        &dpre,
+        Some(&db),
+        &dy,
+        &w_t,
+        &pre,
+        spec(false, false, m, n, k),
+    )
+    .unwrap();
     be.matmul_bias_grad(&dw, &db, &dpre, &x, spec(true, false, n, k, m))
         .unwrap();
     be.synchronize().unwrap();
-    let mut ops: Vec<String> = be.take_op_times().unwrap().into_iter().map(|t| t.op).collect();
+    let mut ops: Vec<String> = be
+        .take_op_times()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.op)
+        .collect();
     ops.sort();
     ops
 }
@@ -366,5 +380,9 @@ fn fused_linear_ops_are_one_cublaslt_call_where_the_epilogue_fits() {
     for op in ["gelu_forward", "gelu_backward", "bias_backward", "matmul"] {
         assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
     }
-    assert!(!ops.iter().any(|o| o == "matmul_gelu" || o == "matmul_dgelu"), "{ops:?}");
+    assert!(
+        !ops.iter()
+            .any(|o| o == "matmul_gelu" || o == "matmul_dgelu"),
+        "{ops:?}"
+    );
 }

@@ -63,7 +63,13 @@ fn linear_backward<B: Backend>(
 ) -> Result<()> {
     if let Some(dinp) = dinp {
         // dinp (rows, in) = dout (rows, out) · w (out, in)
-        be.matmul(dinp, dout, w, None, input_grad_spec(rows, in_features, out_features))?;
+        be.matmul(
+            dinp,
+            dout,
+            w,
+            None,
+            input_grad_spec(rows, in_features, out_features),
+        )?;
     }
     // dw (out, in) += doutᵀ (out, rows) · inp (rows, in); db (out) += Σ_rows dout
     let spec = MatmulSpec {

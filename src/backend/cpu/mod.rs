@@ -24,8 +24,8 @@ pub use storage::CpuBuf;
 use storage::{round_to_dtype, Borrows};
 
 use super::{
-    expect_dtype, expect_len, fused_linear, shapes, AdamWStep, AttentionShape, Backend, Buffer, DType,
-    MatmulSpec, LAYERNORM_EPS,
+    expect_dtype, expect_len, fused_linear, shapes, AdamWStep, AttentionShape, Backend, Buffer,
+    DType, MatmulSpec, LAYERNORM_EPS,
 };
 
 /// Token ids in host memory.

@@ -55,8 +55,7 @@ impl CudaBackend {
         spec: MatmulSpec,
     ) -> Result<bool> {
         let ran = self.timed(op, || {
-            self.blas()?
-                .gemm(self.stream.as_ref(), out, a, b, f, spec)
+            self.blas()?.gemm(self.stream.as_ref(), out, a, b, f, spec)
         });
         match ran {
             Ok(()) => Ok(true),

@@ -20,8 +20,10 @@ const SHAPES: [(usize, usize, usize); 7] = [
 ];
 
 /// (label, dtype of a and b, dtype of the outputs).
-const PRECISIONS: [(&str, DType, DType); 2] =
-    [("f32", DType::F32, DType::F32), ("bf16", DType::Bf16, DType::Bf16)];
+const PRECISIONS: [(&str, DType, DType); 2] = [
+    ("f32", DType::F32, DType::F32),
+    ("bf16", DType::Bf16, DType::Bf16),
+];
 
 /// The product of a linear layer's forward, `inp [m, k] · wᵀ` with `w` stored `[n, k]`.
 fn forward_spec(m: usize, n: usize, k: usize) -> MatmulSpec {
@@ -40,27 +42,30 @@ pub(super) fn matmul_gelu<S: Backend>(cx: &mut Ctx<'_, S>) {
         for (label, ab, out_dtype) in PRECISIONS {
             for bias in [false, true] {
                 let plus = if bias { "+bias" } else { "" };
-                cx.case(format!("m={m} n={n} k={k} gelu(a*bT{plus}), {label}"), |t, rng| {
-                    let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
-                    let b = t.input("b", &uniform(rng, n * k, 1.0), ab)?;
-                    let bias = match bias {
-                        true => Some(t.input("bias", &uniform(rng, n, 1.0), out_dtype)?),
-                        false => None,
-                    };
-                    let out = t.overwritten("out", m * n, out_dtype)?;
-                    let pre = t.overwritten("pre", m * n, out_dtype)?;
-                    let spec = forward_spec(m, n, k);
-                    t.run(
-                        |be| {
-                            let bias = bias.as_ref().map(|x| &x.s);
-                            be.matmul_gelu(&out.s, &pre.s, &a.s, &b.s, bias, spec)
-                        },
-                        |be| {
-                            let bias = bias.as_ref().map(|x| &x.r);
-                            be.matmul_gelu(&out.r, &pre.r, &a.r, &b.r, bias, spec)
-                        },
-                    )
-                });
+                cx.case(
+                    format!("m={m} n={n} k={k} gelu(a*bT{plus}), {label}"),
+                    |t, rng| {
+                        let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
+                        let b = t.input("b", &uniform(rng, n * k, 1.0), ab)?;
+                        let bias = match bias {
+                            true => Some(t.input("bias", &uniform(rng, n, 1.0), out_dtype)?),
+                            false => None,
+                        };
+                        let out = t.overwritten("out", m * n, out_dtype)?;
+                        let pre = t.overwritten("pre", m * n, out_dtype)?;
+                        let spec = forward_spec(m, n, k);
+                        t.run(
+                            |be| {
+                                let bias = bias.as_ref().map(|x| &x.s);
+                                be.matmul_gelu(&out.s, &pre.s, &a.s, &b.s, bias, spec)
+                            },
+                            |be| {
+                                let bias = bias.as_ref().map(|x| &x.r);
+                                be.matmul_gelu(&out.r, &pre.r, &a.r, &b.r, bias, spec)
+                            },
+                        )
+                    },
+                );
             }
         }
     }
@@ -78,36 +83,39 @@ pub(super) fn matmul_dgelu<S: Backend>(cx: &mut Ctx<'_, S>) {
                     Some(d) => format!(" + dbias {d} acc"),
                     None => String::new(),
                 };
-                cx.case(format!("m={m} n={n} k={k} dgelu(dy*w){with}, {label}"), |t, rng| {
-                    // dy [m, k] · w [k, n]: the input gradient of the layer after the GELU.
-                    let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
-                    let b = t.input("b", &uniform(rng, k * n, 1.0), ab)?;
-                    // GELU inputs over both tails.
-                    let pre = t.input("pre", &uniform(rng, m * n, 4.0), out_dtype)?;
-                    let dbias = match dbias_dtype {
-                        Some(d) => Some(t.in_place("dbias", &uniform(rng, n, 1.0), d)?),
-                        None => None,
-                    };
-                    let dpre = t.overwritten("dpre", m * n, out_dtype)?;
-                    let spec = MatmulSpec {
-                        m,
-                        n,
-                        k,
-                        trans_a: false,
-                        trans_b: false,
-                        accumulate: false,
-                    };
-                    t.run(
-                        |be| {
-                            let dbias = dbias.as_ref().map(|x| &x.s);
-                            be.matmul_dgelu(&dpre.s, dbias, &a.s, &b.s, &pre.s, spec)
-                        },
-                        |be| {
-                            let dbias = dbias.as_ref().map(|x| &x.r);
-                            be.matmul_dgelu(&dpre.r, dbias, &a.r, &b.r, &pre.r, spec)
-                        },
-                    )
-                });
+                cx.case(
+                    format!("m={m} n={n} k={k} dgelu(dy*w){with}, {label}"),
+                    |t, rng| {
+                        // dy [m, k] · w [k, n]: the input gradient of the layer after the GELU.
+                        let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
+                        let b = t.input("b", &uniform(rng, k * n, 1.0), ab)?;
+                        // GELU inputs over both tails.
+                        let pre = t.input("pre", &uniform(rng, m * n, 4.0), out_dtype)?;
+                        let dbias = match dbias_dtype {
+                            Some(d) => Some(t.in_place("dbias", &uniform(rng, n, 1.0), d)?),
+                            None => None,
+                        };
+                        let dpre = t.overwritten("dpre", m * n, out_dtype)?;
+                        let spec = MatmulSpec {
+                            m,
+                            n,
+                            k,
+                            trans_a: false,
+                            trans_b: false,
+                            accumulate: false,
+                        };
+                        t.run(
+                            |be| {
+                                let dbias = dbias.as_ref().map(|x| &x.s);
+                                be.matmul_dgelu(&dpre.s, dbias, &a.s, &b.s, &pre.s, spec)
+                            },
+                            |be| {
+                                let dbias = dbias.as_ref().map(|x| &x.r);
+                                be.matmul_dgelu(&dpre.r, dbias, &a.r, &b.r, &pre.r, spec)
+                            },
+                        )
+                    },
+                );
             }
         }
     }
@@ -135,20 +143,23 @@ pub(super) fn matmul_bias_grad<S: Backend>(cx: &mut Ctx<'_, S>) {
                     };
                     let bt = if trans_b { "bT" } else { "b" };
                     let acc = if accumulate { " acc" } else { "" };
-                    cx.case(format!("m={m} n={n} k={k} aT*{bt}{acc} + dbias, {label}"), |t, rng| {
-                        let a = t.input("a", &uniform(rng, k * m, 1.0), ab)?;
-                        let b = t.input("b", &uniform(rng, k * n, 1.0), ab)?;
-                        let out = match accumulate {
-                            true => t.in_place("out", &uniform(rng, m * n, 1.0), out_dtype)?,
-                            false => t.overwritten("out", m * n, out_dtype)?,
-                        };
-                        // Gradients accumulate: dbias always starts from values of its own.
-                        let dbias = t.in_place("dbias", &uniform(rng, m, 1.0), out_dtype)?;
-                        t.run(
-                            |be| be.matmul_bias_grad(&out.s, &dbias.s, &a.s, &b.s, spec),
-                            |be| be.matmul_bias_grad(&out.r, &dbias.r, &a.r, &b.r, spec),
-                        )
-                    });
+                    cx.case(
+                        format!("m={m} n={n} k={k} aT*{bt}{acc} + dbias, {label}"),
+                        |t, rng| {
+                            let a = t.input("a", &uniform(rng, k * m, 1.0), ab)?;
+                            let b = t.input("b", &uniform(rng, k * n, 1.0), ab)?;
+                            let out = match accumulate {
+                                true => t.in_place("out", &uniform(rng, m * n, 1.0), out_dtype)?,
+                                false => t.overwritten("out", m * n, out_dtype)?,
+                            };
+                            // Gradients accumulate: dbias always starts from values of its own.
+                            let dbias = t.in_place("dbias", &uniform(rng, m, 1.0), out_dtype)?;
+                            t.run(
+                                |be| be.matmul_bias_grad(&out.s, &dbias.s, &a.s, &b.s, spec),
+                                |be| be.matmul_bias_grad(&out.r, &dbias.r, &a.r, &b.r, spec),
+                            )
+                        },
+                    );
                 }
             }
         }
@@ -160,27 +171,30 @@ pub(super) fn matmul_residual<S: Backend>(cx: &mut Ctx<'_, S>) {
         for (label, ab, out_dtype) in PRECISIONS {
             for bias in [false, true] {
                 let plus = if bias { "+bias" } else { "" };
-                cx.case(format!("m={m} n={n} k={k} residual + a*bT{plus}, {label}"), |t, rng| {
-                    let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
-                    let b = t.input("b", &uniform(rng, n * k, 1.0), ab)?;
-                    let bias = match bias {
-                        true => Some(t.input("bias", &uniform(rng, n, 1.0), out_dtype)?),
-                        false => None,
-                    };
-                    let residual = t.input("residual", &uniform(rng, m * n, 2.0), out_dtype)?;
-                    let out = t.overwritten("out", m * n, out_dtype)?;
-                    let spec = forward_spec(m, n, k);
-                    t.run(
-                        |be| {
-                            let bias = bias.as_ref().map(|x| &x.s);
-                            be.matmul_residual(&out.s, &residual.s, &a.s, &b.s, bias, spec)
-                        },
-                        |be| {
-                            let bias = bias.as_ref().map(|x| &x.r);
-                            be.matmul_residual(&out.r, &residual.r, &a.r, &b.r, bias, spec)
-                        },
-                    )
-                });
+                cx.case(
+                    format!("m={m} n={n} k={k} residual + a*bT{plus}, {label}"),
+                    |t, rng| {
+                        let a = t.input("a", &uniform(rng, m * k, 1.0), ab)?;
+                        let b = t.input("b", &uniform(rng, n * k, 1.0), ab)?;
+                        let bias = match bias {
+                            true => Some(t.input("bias", &uniform(rng, n, 1.0), out_dtype)?),
+                            false => None,
+                        };
+                        let residual = t.input("residual", &uniform(rng, m * n, 2.0), out_dtype)?;
+                        let out = t.overwritten("out", m * n, out_dtype)?;
+                        let spec = forward_spec(m, n, k);
+                        t.run(
+                            |be| {
+                                let bias = bias.as_ref().map(|x| &x.s);
+                                be.matmul_residual(&out.s, &residual.s, &a.s, &b.s, bias, spec)
+                            },
+                            |be| {
+                                let bias = bias.as_ref().map(|x| &x.r);
+                                be.matmul_residual(&out.r, &residual.r, &a.r, &b.r, bias, spec)
+                            },
+                        )
+                    },
+                );
             }
         }
     }

@@ -113,7 +113,10 @@ impl LtCache {
                     return Err(NoAlgorithm(why).into());
                 }
                 Err(PlanError::NoAlgorithm(why)) => {
-                    return Err(anyhow!("cuBLASLt has no algorithm for {:?}: {why}", call.desc))
+                    return Err(anyhow!(
+                        "cuBLASLt has no algorithm for {:?}: {why}",
+                        call.desc
+                    ))
                 }
                 Err(PlanError::Other(e)) => return Err(e),
             },

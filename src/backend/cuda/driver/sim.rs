@@ -90,17 +90,16 @@ struct SimLib {
         *const u16,
         c_int,
     ) -> c_int,
-    gemm:
-        unsafe extern "C" fn(
-            *mut RawStream,
-            *const SimGemmDesc,
-            u64,
-            u64,
-            u64,
-            u64,
-            u64,
-            u64,
-        ) -> c_int,
+    gemm: unsafe extern "C" fn(
+        *mut RawStream,
+        *const SimGemmDesc,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+    ) -> c_int,
 }
 
 /// Where build.rs put the library, or why it did not build one.
