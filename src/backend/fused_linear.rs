@@ -165,3 +165,92 @@ pub fn matmul_residual<B: Backend + ?Sized>(
     be.matmul(out, a, b, bias, spec)?;
     be.accumulate(out, residual)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The CPU reference's fused ops are the unfused ops the model called before, to the bit.
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::{Backend, DType, MatmulSpec};
+
+    fn filled(
+        be: &CpuBackend,
+        len: usize,
+        dtype: DType,
+        seed: usize,
+    ) -> crate::backend::cpu::CpuBuf<f32> {
+        let b = be.alloc(len, dtype).unwrap();
+        let v: Vec<f32> = (0..len)
+            .map(|i| (((i * 37 + seed * 101) % 97) as f32 / 97.0 - 0.5) * 3.0)
+            .collect();
+        be.upload(&b, &v).unwrap();
+        b
+    }
+
+    fn bits(be: &CpuBackend, b: &crate::backend::cpu::CpuBuf<f32>) -> Vec<u32> {
+        be.download(b)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn cpu_fused_ops_equal_the_unfused_sequence_bit_for_bit() {
+        let be = CpuBackend::<f32>::new();
+        let (m, n, k) = (13, 24, 9);
+        for dtype in [DType::F32, DType::Bf16] {
+            // The MLP backward: dpre = (dy · w) ∘ gelu'(pre), db += Σ dpre.
+            let (dy, w, pre) = (
+                filled(&be, m * k, dtype, 1),
+                filled(&be, k * n, dtype, 2),
+                filled(&be, m * n, dtype, 3),
+            );
+            let spec = MatmulSpec {
+                m,
+                n,
+                k,
+                trans_a: false,
+                trans_b: false,
+                accumulate: false,
+            };
+            let (fused, fused_db) = (
+                be.alloc(m * n, dtype).unwrap(),
+                filled(&be, n, DType::F32, 4),
+            );
+            be.matmul_dgelu(&fused, Some(&fused_db), &dy, &w, &pre, spec)
+                .unwrap();
+            let (tmp, plain, plain_db) = (
+                be.alloc(m * n, dtype).unwrap(),
+                be.alloc(m * n, dtype).unwrap(),
+                filled(&be, n, DType::F32, 4),
+            );
+            be.matmul(&tmp, &dy, &w, None, spec).unwrap();
+            be.gelu_backward(&plain, &pre, &tmp).unwrap();
+            be.bias_backward(&plain_db, &plain, m, n).unwrap();
+            assert_eq!(bits(&be, &fused), bits(&be, &plain), "{dtype} dpre");
+            assert_eq!(bits(&be, &fused_db), bits(&be, &plain_db), "{dtype} dbias");
+
+            // The residual branch: out = x + (a · wᵀ + b), before as a matmul and an add.
+            let (x, a, wt, bias) = (
+                filled(&be, m * n, dtype, 5),
+                filled(&be, m * k, dtype, 6),
+                filled(&be, n * k, dtype, 7),
+                filled(&be, n, dtype, 8),
+            );
+            let spec = MatmulSpec {
+                trans_b: true,
+                ..spec
+            };
+            let fused = be.alloc(m * n, dtype).unwrap();
+            be.matmul_residual(&fused, &x, &a, &wt, Some(&bias), spec)
+                .unwrap();
+            let (branch, plain) = (
+                be.alloc(m * n, dtype).unwrap(),
+                be.alloc(m * n, dtype).unwrap(),
+            );
+            be.matmul(&branch, &a, &wt, Some(&bias), spec).unwrap();
+            be.add(&plain, &x, &branch).unwrap();
+            assert_eq!(bits(&be, &fused), bits(&be, &plain), "{dtype} residual");
+        }
+    }
+}

@@ -6,7 +6,10 @@
 //! where they do not, or where a real GPU's heuristic has no algorithm for the descriptor
 //! ([`NoAlgorithm`]), it runs the unfused composition of `backend::fused_linear` instead.
 //! cuBLASLt's bias-gradient epilogues overwrite their vector while gradients accumulate, so they
-//! write a scratch vector that is then added to the gradient.
+//! write a scratch vector that is then added to the gradient. That vector has D's dtype (the
+//! documented default), so the bias gradient is fused only where D is f32: a bf16 scratch would
+//! round the sum once more before the accumulate (seen failing the op check where the gradient
+//! cancels); with a bf16 D the bias gradient is the deterministic column-sum kernel instead.
 
 use std::sync::Arc;
 
@@ -109,15 +112,15 @@ impl CudaBackend {
         outs.extend(dbias.map(|x| ("dbias", x)));
         no_overlap("matmul_dgelu", &outs, &[("a", a), ("b", b), ("pre", pre)])?;
         if product_fits(dpre, a, b, &spec) && aux_fits(pre, &spec) {
-            // The bias gradient in D's dtype (the epilogue's documented default), then added.
-            let scratch = match dbias {
-                Some(_) => Some(self.epilogue_scratch(spec.n, dpre.dtype)?),
-                None => None,
+            let fuse_bgrad = dbias.is_some() && dpre.dtype == DType::F32;
+            let scratch = match fuse_bgrad {
+                true => Some(self.epilogue_scratch(spec.n, dpre.dtype)?),
+                false => None,
             };
             let f = Fusion {
-                epilogue: match dbias {
-                    Some(_) => Epilogue::DGeluBGrad,
-                    None => Epilogue::DGelu,
+                epilogue: match fuse_bgrad {
+                    true => Epilogue::DGeluBGrad,
+                    false => Epilogue::DGelu,
                 },
                 bias: scratch.as_ref(),
                 aux: Some(pre),
@@ -126,7 +129,8 @@ impl CudaBackend {
             if self.fused_gemm("matmul_dgelu", dpre, a, b, &f, spec)? {
                 return match (dbias, &scratch) {
                     (Some(dbias), Some(s)) => self.accumulate(dbias, s),
-                    _ => Ok(()),
+                    (Some(dbias), None) => self.bias_backward(dbias, dpre, spec.m, spec.n),
+                    (None, _) => Ok(()),
                 };
             }
         }
@@ -147,7 +151,7 @@ impl CudaBackend {
             &[("out", out), ("dbias", dbias)],
             &[("a", a), ("b", b)],
         )?;
-        if product_fits(out, a, b, &spec) {
+        if product_fits(out, a, b, &spec) && out.dtype == DType::F32 {
             // Column-major, `a` is cuBLASLt's B (transposed, as BGRADB needs): the reduction over
             // k gives one value per column of D, our m.
             let scratch = self.epilogue_scratch(spec.m, out.dtype)?;
