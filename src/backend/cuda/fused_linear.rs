@@ -23,7 +23,7 @@ use crate::backend::{fused_linear as unfused, Backend, DType, MatmulSpec};
 /// cuBLASLt's requirement on the auxiliary matrix: its leading dimension (here `n`, the row
 /// length) a multiple of 8 elements, its address aligned to 16 bytes.
 fn aux_fits(aux: &CudaBuf, spec: &MatmulSpec) -> bool {
-    spec.n % 8 == 0 && aux.ptr() % 16 == 0
+    spec.n.is_multiple_of(8) && aux.ptr().is_multiple_of(16)
 }
 
 /// What every fused product needs: a non-empty product (cuBLASLt refuses k = 0) of operands of
