@@ -13,7 +13,7 @@ use std::time::Instant;
 use shardtrain::backend::cuda::driver::{Arg, Geometry};
 use shardtrain::backend::cuda::{CudaBackend, CudaDevice};
 use shardtrain::backend::kernels::EXPECTED_ENTRIES;
-use shardtrain::backend::{Backend, DType};
+use shardtrain::backend::{Backend, DType, MatmulSpec};
 
 #[test]
 fn every_op_case_passes_on_the_sim_with_two_seeds() {
@@ -298,4 +298,91 @@ fn the_sim_refuses_a_block_whose_registers_do_not_fit() {
         unsafe { stream.launch(name, &geometry((1, 1, 1), (512, 1, 1), 0), &args) }.unwrap_err();
     let err = format!("{err:#}");
     assert!(err.contains(name) && err.contains("registers"), "{err}");
+}
+
+/// The ops each fused linear op issued on the sim, by the names the op timing records.
+fn fused_ops_issued(n: usize) -> Vec<String> {
+    let be = CudaBackend::new(&CudaDevice::open_sim().unwrap()).unwrap();
+    let (m, k) = (5, 7);
+    let buf = |len: usize| {
+        let b = be.alloc(len, DType::F32).unwrap();
+        let values: Vec<f32> = (0..len)
+            .map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.5)
+            .collect();
+        be.upload(&b, &values).unwrap();
+        b
+    };
+    let (x, w, bias, out, pre, dy, res) = (
+        buf(m * k),
+        buf(n * k),
+        buf(n),
+        buf(m * n),
+        buf(m * n),
+        buf(m * k),
+        buf(m * n),
+    );
+    let spec = |trans_a, trans_b, m, n, k| MatmulSpec {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        accumulate: false,
+    };
+    be.set_op_timing(true);
+    be.matmul_gelu(&out, &pre, &x, &w, Some(&bias), spec(false, true, m, n, k))
+        .unwrap();
+    be.matmul_residual(&out, &res, &x, &w, Some(&bias), spec(false, true, m, n, k))
+        .unwrap();
+    let (dpre, dw, db) = (buf(m * n), buf(n * k), buf(n));
+    let w_t = buf(k * n);
+    be.matmul_dgelu(
+        &dpre,
+        Some(&db),
+        &dy,
+        &w_t,
+        &pre,
+        spec(false, false, m, n, k),
+    )
+    .unwrap();
+    be.matmul_bias_grad(&dw, &db, &dpre, &x, spec(true, false, n, k, m))
+        .unwrap();
+    be.synchronize().unwrap();
+    let mut ops: Vec<String> = be
+        .take_op_times()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.op)
+        .collect();
+    ops.sort();
+    ops
+}
+
+#[test]
+fn fused_linear_ops_are_one_cublaslt_call_where_the_epilogue_fits() {
+    if !sim_built() {
+        return;
+    }
+    // n = 16: the GELU epilogues' auxiliary matrix has a leading dimension that is a multiple of 8.
+    assert_eq!(
+        fused_ops_issued(16),
+        [
+            "accumulate",
+            "matmul_bias_grad",
+            "matmul_dgelu",
+            "matmul_gelu",
+            "matmul_residual"
+        ],
+        "the bias gradients are written to scratch by the epilogue, then accumulated"
+    );
+    // n = 17 does not fit: the GELU ops fall back to a matmul and the GELU kernels.
+    let ops = fused_ops_issued(17);
+    for op in ["gelu_forward", "gelu_backward", "bias_backward", "matmul"] {
+        assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
+    }
+    assert!(
+        !ops.iter()
+            .any(|o| o == "matmul_gelu" || o == "matmul_dgelu"),
+        "{ops:?}"
+    );
 }

@@ -1,11 +1,14 @@
 // sim_gemm_async: cublasLtMatmul's documented column-major contract (D = alpha op(A) op(B) +
-// beta C, optional per-row bias epilogue), validated when queued as cuBLASLt validates its
-// layouts, computed on the worker with f32 accumulation in a fixed order and rounded once to D.
+// beta C, then the epilogue: bias, GELU with its input kept, GELU backward, bias gradients),
+// validated when queued as cuBLASLt validates its layouts (the epilogue's checks are in
+// gemm_epilogue.cpp), computed on the worker with f32 accumulation in a fixed order and rounded
+// once per output.
 #include <stdio.h>
 #include <string.h>
 
 #include <vector>
 
+#include "gemm_epilogue.h"
 #include "internal.h"
 
 namespace sim {
@@ -76,8 +79,24 @@ inline void strip(const float* __restrict a, uint64_t lda, const float* __restri
         for (uint64_t ii = 0; ii < kStrip; ii++) acc[jj][row + ii] = r[jj][ii];
 }
 
-void run(const sim_gemm_desc& g, const void* a, const void* b, const void* c, void* d, const void* bias) {
+// BGRADB's bias gradient: bias[j] = sum over p of op(B)[p, j], in order p = 0, 1, ... in f32.
+void bias_grad_of_b(const sim_gemm_desc& g, const void* b, void* bias) {
+    const uint64_t n = g.d.cols, k = g.trans_a ? g.a.rows : g.a.cols;
+    for (uint64_t j = 0; j < n; j++) {
+        float sum = 0.0f;
+        for (uint64_t p = 0; p < k; p++) sum += load(b, g.b.type, g.trans_b ? j + p * g.b.ld : p + j * g.b.ld);
+        store(bias, g.bias_type, j, sum);
+    }
+}
+
+void run(const sim_gemm_desc& g, const void* a, const void* b, const void* c, void* d, void* bias, void* aux) {
     const uint64_t m = g.d.rows, n = g.d.cols, k = g.trans_a ? g.a.rows : g.a.cols;
+    const int epilogue = epilogue_of(g);
+    const bool add_bias = epilogue == SIM_EPILOGUE_BIAS || epilogue == SIM_EPILOGUE_GELU_AUX_BIAS;
+    const bool gelu_aux = epilogue == SIM_EPILOGUE_GELU_AUX || epilogue == SIM_EPILOGUE_GELU_AUX_BIAS;
+    const bool dgelu = epilogue == SIM_EPILOGUE_DGELU || epilogue == SIM_EPILOGUE_DGELU_BGRAD;
+    // DGELU_BGRAD's row sums of D, each over j = 0, 1, ... (the loops below visit a row's columns in order).
+    std::vector<float> row_sums(epilogue == SIM_EPILOGUE_DGELU_BGRAD ? m : 0, 0.0f);
     std::vector<float> ablk(kRowBlock * (k ? k : 1));
     std::vector<float> bblk(kColBlock * (k ? k : 1));
     float acc[kColBlock][kRowBlock];
@@ -120,12 +139,21 @@ void run(const sim_gemm_desc& g, const void* a, const void* b, const void* c, vo
                     const uint64_t i = i0 + ii;
                     float v = g.alpha * acc[jj][ii];
                     if (g.beta != 0.0f) v += g.beta * load(c, g.c.type, i + j * g.c.ld);  // beta 0: C unread
-                    if (g.epilogue_bias) v += load(bias, g.bias_type, i);
+                    if (add_bias) v += load(bias, g.bias_type, i);
+                    if (gelu_aux) {
+                        store(aux, g.d.type, i + j * g.aux_ld, v);  // GELU's input, rounded once
+                        v = gelu(v);                                // of the unrounded value
+                    } else if (dgelu) {
+                        v *= gelu_slope(load(aux, g.d.type, i + j * g.aux_ld));
+                        if (!row_sums.empty()) row_sums[i] += v;
+                    }
                     store(d, g.d.type, i + j * g.d.ld, v);
                 }
             }
         }
     }
+    for (uint64_t i = 0; i < row_sums.size(); i++) store(bias, g.bias_type, i, row_sums[i]);
+    if (epilogue == SIM_EPILOGUE_BGRADB) bias_grad_of_b(g, b, bias);
 }
 
 }  // namespace
@@ -134,7 +162,7 @@ void run(const sim_gemm_desc& g, const void* a, const void* b, const void* c, vo
 using namespace sim;
 
 extern "C" int sim_gemm_async(sim_stream* s, const sim_gemm_desc* desc, uint64_t a, uint64_t b, uint64_t c,
-                              uint64_t d, uint64_t bias) {
+                              uint64_t d, uint64_t bias, uint64_t aux) {
     SIM_HANDLE(s);
     if (!s || !desc) return fail(SIM_ERROR_INVALID, "sim_gemm_async: null argument");
     sim_device* dev = s->dev;
@@ -158,13 +186,6 @@ extern "C" int sim_gemm_async(sim_stream* s, const sim_gemm_desc* desc, uint64_t
     if (g.a.type != g.b.type || g.c.type != g.d.type || (g.a.type == SIM_F32 && g.d.type != SIM_F32))
         return fail(SIM_ERROR_INVALID, "sim_gemm_async: unsupported types A %s, B %s, C %s, D %s", type_name(g.a.type),
                     type_name(g.b.type), type_name(g.c.type), type_name(g.d.type));
-    if (g.epilogue_bias) {
-        if (!bias) return fail(SIM_ERROR_INVALID, "sim_gemm_async: the bias epilogue needs a bias pointer");
-        if (g.bias_type != g.d.type)
-            return fail(SIM_ERROR_INVALID, "sim_gemm_async: bias is %s but D is %s", type_name(g.bias_type), type_name(g.d.type));
-    } else if (bias) {
-        return fail(SIM_ERROR_INVALID, "sim_gemm_async: a bias pointer without epilogue_bias");
-    }
     if (c == d && c && (g.c.ld != g.d.ld || g.c.type != g.d.type))
         return fail(SIM_ERROR_INVALID, "sim_gemm_async: in place (C == D) needs identical C and D layouts");
     if (int rc = check_operand(dev, "A", g.a, a)) return rc;
@@ -172,13 +193,12 @@ extern "C" int sim_gemm_async(sim_stream* s, const sim_gemm_desc* desc, uint64_t
     if (int rc = check_operand(dev, "D", g.d, d)) return rc;
     if (g.beta != 0.0f)
         if (int rc = check_operand(dev, "C", g.c, c)) return rc;
-    if (g.epilogue_bias && m) {
-        if (int rc = mem_check_range(dev, bias, m * type_size(g.bias_type), "sim_gemm_async bias")) return rc;
-    }
+    if (int rc = check_epilogue(dev, g, c, d, bias, aux)) return rc;
     const void* pa = reinterpret_cast<const void*>(a);
     const void* pb = reinterpret_cast<const void*>(b);
     const void* pc = reinterpret_cast<const void*>(c);
     void* pd = reinterpret_cast<void*>(d);
-    const void* pbias = reinterpret_cast<const void*>(bias);
-    return enqueue(s, OP_WORK, [g, pa, pb, pc, pd, pbias] { run(g, pa, pb, pc, pd, pbias); });
+    void* pbias = reinterpret_cast<void*>(bias);
+    void* paux = reinterpret_cast<void*>(aux);
+    return enqueue(s, OP_WORK, [g, pa, pb, pc, pd, pbias, paux] { run(g, pa, pb, pc, pd, pbias, paux); });
 }

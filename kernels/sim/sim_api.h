@@ -130,24 +130,42 @@ int sim_launch(sim_stream* s, const char* name, const uint32_t grid[3], const ui
                int param_count);
 
 // ---- one cuBLASLt matmul (cublasLtMatmul with CUBLAS_COMPUTE_32F, scale type f32) -----------------
-// Column-major, as cuBLASLt documents it: D = alpha * op(A) * op(B) + beta * C (+ bias), with op(A)
-// m x k, op(B) k x n, C and D m x n, where m and n are D's rows and columns and k comes from A. Each
-// layout is what cublasLtMatrixLayoutCreate was given (type, rows, cols, leading dimension >= rows);
-// layouts that do not agree with each other under the transposes are refused as cuBLASLt refuses
-// them (SIM_ERROR_INVALID, at once). Products accumulate in f32; the result is rounded
-// once to D's type. epilogue_bias: CUBLASLT_EPILOGUE_BIAS, bias[i] (m values, bias_type) added to
-// row i of every column. C may be D (in place).
+// Column-major, as cuBLASLt documents it: D = alpha * op(A) * op(B) + beta * C, then the epilogue,
+// with op(A) m x k, op(B) k x n, C and D m x n, where m and n are D's rows and columns and k comes
+// from A. Each layout is what cublasLtMatrixLayoutCreate was given (type, rows, cols, leading
+// dimension >= rows); layouts that do not agree with each other under the transposes are refused
+// as cuBLASLt refuses them (SIM_ERROR_INVALID, at once). Products accumulate in f32; every output
+// is rounded once to its type. C may be D (in place) or a distinct matrix that does not overlap D.
+// Epilogues (cublasLtEpilogue_t values; v = alpha op(A) op(B) + beta C, in f32):
+//   DEFAULT (1): D = v.                BIAS (4): D = v + bias[i] (m values, bias_type).
+//   GELU_AUX (160), GELU_AUX_BIAS (164): aux = v (+ bias[i]), D = gelu(v (+ bias[i])), tanh form.
+//   DGELU (192), DGELU_BGRAD (208): D = v * gelu'(aux); BGRAD also overwrites bias[i] = sum_j D[i, j]
+//     (of the unrounded values).
+//   BGRADB (512): D = v, and bias[j] = sum_p op(B)[p, j] (n values, overwritten; the reduction over k).
+// aux is m x n of D's type with leading dimension aux_ld (a multiple of 8, >= m, 16-byte aligned),
+// the bias vector has D's type. The sim accepts an epilogue only in the configurations this project
+// issues and cuBLASLt documents (kernels/sim/gemm_epilogue.cpp says which) and refuses the rest.
 enum sim_dtype { SIM_F32 = 0, SIM_BF16 = 1 };
+enum sim_epilogue {
+    SIM_EPILOGUE_DEFAULT = 1,
+    SIM_EPILOGUE_BIAS = 4,
+    SIM_EPILOGUE_GELU_AUX = 160,
+    SIM_EPILOGUE_GELU_AUX_BIAS = 164,
+    SIM_EPILOGUE_DGELU = 192,
+    SIM_EPILOGUE_DGELU_BGRAD = 208,
+    SIM_EPILOGUE_BGRADB = 512,
+};
 typedef struct { int type; uint64_t rows, cols, ld; } sim_matrix_layout;
 typedef struct {
     int trans_a, trans_b;      // CUBLASLT_MATMUL_DESC_TRANSA / TRANSB: 0 N, 1 T
     sim_matrix_layout a, b, c, d;
     float alpha, beta;
-    int epilogue_bias;
-    int bias_type;
+    int epilogue;              // CUBLASLT_MATMUL_DESC_EPILOGUE (sim_epilogue)
+    int bias_type;             // CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE (sim_dtype)
+    uint64_t aux_ld;           // CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD
 } sim_gemm_desc;
 int sim_gemm_async(sim_stream* s, const sim_gemm_desc* desc, uint64_t a, uint64_t b, uint64_t c,
-                   uint64_t d, uint64_t bias);
+                   uint64_t d, uint64_t bias, uint64_t aux);
 
 #ifdef __cplusplus
 }

@@ -17,6 +17,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod fused_linear;
 pub mod kernels;
 pub mod shapes;
 
@@ -276,6 +277,67 @@ pub trait Backend: Send + Sync + 'static {
         rows: usize,
         cols: usize,
     ) -> Result<()>;
+
+    // ---- linear layers fused with what follows them (cuBLASLt epilogues) ----------------------
+    // The defaults compose the plain ops (`fused_linear`): a backend overriding one must compute
+    // what that composition computes, within its dtype's rounding.
+
+    /// A linear layer and its GELU (`CUBLASLT_EPILOGUE_GELU_AUX_BIAS`): overwrites
+    /// `pre = op(a) · op(b) (+ bias)` (kept for the backward) and `out = gelu(pre)`, both
+    /// `[m, n]` of one dtype. `spec.accumulate` must be false.
+    fn matmul_gelu(
+        &self,
+        out: &Self::Buf,
+        pre: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        fused_linear::matmul_gelu(self, out, pre, a, b, bias, spec)
+    }
+    /// The backward through a GELU (`CUBLASLT_EPILOGUE_DGELU_BGRAD`): overwrites
+    /// `dpre = (op(a) · op(b)) ∘ gelu'(pre)` (`[m, n]`, the dtype of `pre`) and, with `dbias`,
+    /// accumulates its bias gradient `dbias[c] += Σ_r dpre[r, c]` (`n` elements). `spec.accumulate`
+    /// must be false.
+    fn matmul_dgelu(
+        &self,
+        dpre: &Self::Buf,
+        dbias: Option<&Self::Buf>,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        pre: &Self::Buf,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        fused_linear::matmul_dgelu(self, dpre, dbias, a, b, pre, spec)
+    }
+    /// A weight gradient and its bias gradient (`CUBLASLT_EPILOGUE_BGRADB`): `out (+)= aᵀ · op(b)`
+    /// as [`Backend::matmul`] (`spec.trans_a` must be true: `a` is the layer's output gradient,
+    /// stored `[k, m]`), and accumulates `dbias[i] += Σ_p a[p, i]` (`m` elements).
+    fn matmul_bias_grad(
+        &self,
+        out: &Self::Buf,
+        dbias: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        fused_linear::matmul_bias_grad(self, out, dbias, a, b, spec)
+    }
+    /// A linear layer writing the residual stream (cuBLASLt's `beta = 1` with `C = residual` distinct
+    /// from `D = out`): overwrites `out = residual + op(a) · op(b) (+ bias)`, `[m, n]` of one dtype.
+    /// `spec.accumulate` must be false; `out` must not overlap `residual`.
+    fn matmul_residual(
+        &self,
+        out: &Self::Buf,
+        residual: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        fused_linear::matmul_residual(self, out, residual, a, b, bias, spec)
+    }
 
     // ---- layer norm ---------------------------------------------------------------------------
 

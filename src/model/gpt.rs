@@ -20,6 +20,18 @@ pub struct Gpt<B: Backend> {
     acts: Option<Activations<B>>,
 }
 
+/// The product of a linear layer in PyTorch's weight layout, `inp [rows, in] · wᵀ`.
+fn linear_spec(rows: usize, in_features: usize, out_features: usize) -> MatmulSpec {
+    MatmulSpec {
+        m: rows,
+        n: out_features,
+        k: in_features,
+        trans_a: false,
+        trans_b: true,
+        accumulate: false,
+    }
+}
+
 /// `out = inp · wᵀ + b` for `rows` tokens: a linear layer in PyTorch's weight layout.
 fn linear_forward<B: Backend>(
     be: &B,
@@ -31,21 +43,15 @@ fn linear_forward<B: Backend>(
     in_features: usize,
     out_features: usize,
 ) -> Result<()> {
-    let spec = MatmulSpec {
-        m: rows,
-        n: out_features,
-        k: in_features,
-        trans_a: false,
-        trans_b: true,
-        accumulate: false,
-    };
-    be.matmul(out, inp, w, b, spec)
+    be.matmul(out, inp, w, b, linear_spec(rows, in_features, out_features))
 }
 
-/// Backward of [`linear_forward`]: overwrites `dinp`, accumulates `dw` and `db`.
+/// Backward of [`linear_forward`]: overwrites `dinp` (when given: a GELU before the layer takes
+/// its input gradient from [`Backend::matmul_dgelu`] instead), accumulates `dw` and `db` (the bias
+/// gradient in the weight gradient's call).
 fn linear_backward<B: Backend>(
     be: &B,
-    dinp: &B::Buf,
+    dinp: Option<&B::Buf>,
     dw: &B::Buf,
     db: Option<&B::Buf>,
     dout: &B::Buf,
@@ -55,40 +61,41 @@ fn linear_backward<B: Backend>(
     in_features: usize,
     out_features: usize,
 ) -> Result<()> {
-    // dinp (rows, in) = dout (rows, out) · w (out, in)
-    be.matmul(
-        dinp,
-        dout,
-        w,
-        None,
-        MatmulSpec {
-            m: rows,
-            n: in_features,
-            k: out_features,
-            trans_a: false,
-            trans_b: false,
-            accumulate: false,
-        },
-    )?;
-    // dw (out, in) += doutᵀ (out, rows) · inp (rows, in)
-    be.matmul(
-        dw,
-        dout,
-        inp,
-        None,
-        MatmulSpec {
-            m: out_features,
-            n: in_features,
-            k: rows,
-            trans_a: true,
-            trans_b: false,
-            accumulate: true,
-        },
-    )?;
-    if let Some(db) = db {
-        be.bias_backward(db, dout, rows, out_features)?;
+    if let Some(dinp) = dinp {
+        // dinp (rows, in) = dout (rows, out) · w (out, in)
+        be.matmul(
+            dinp,
+            dout,
+            w,
+            None,
+            input_grad_spec(rows, in_features, out_features),
+        )?;
     }
-    Ok(())
+    // dw (out, in) += doutᵀ (out, rows) · inp (rows, in); db (out) += Σ_rows dout
+    let spec = MatmulSpec {
+        m: out_features,
+        n: in_features,
+        k: rows,
+        trans_a: true,
+        trans_b: false,
+        accumulate: true,
+    };
+    match db {
+        Some(db) => be.matmul_bias_grad(dw, db, dout, inp, spec),
+        None => be.matmul(dw, dout, inp, None, spec),
+    }
+}
+
+/// The input gradient's product of a linear layer: `dout [rows, out] · w [out, in]`.
+fn input_grad_spec(rows: usize, in_features: usize, out_features: usize) -> MatmulSpec {
+    MatmulSpec {
+        m: rows,
+        n: in_features,
+        k: out_features,
+        trans_a: false,
+        trans_b: false,
+        accumulate: false,
+    }
 }
 
 impl<B: Backend> Gpt<B> {
@@ -174,17 +181,15 @@ impl<B: Backend> Gpt<B> {
             )?;
             linear_forward(be, &a.qkv, &a.ln1, &p.qkv_w, Some(&p.qkv_b), n, c, 3 * c)?;
             be.attention_forward(&a.atty, &a.lse, &a.qkv, attn)?;
-            linear_forward(
-                be,
-                &acts.branch_out,
+            // x2 = x + proj(atty), the residual add fused into the projection.
+            be.matmul_residual(
+                &a.residual2,
+                x,
                 &a.atty,
                 &p.proj_w,
                 Some(&p.proj_b),
-                n,
-                c,
-                c,
+                linear_spec(n, c, c),
             )?;
-            be.add(&a.residual2, x, &acts.branch_out)?;
             be.layernorm_forward(
                 &a.ln2,
                 &a.ln2_mean,
@@ -195,19 +200,23 @@ impl<B: Backend> Gpt<B> {
                 n,
                 c,
             )?;
-            linear_forward(be, &a.fch, &a.ln2, &p.fc_w, Some(&p.fc_b), n, c, 4 * c)?;
-            be.gelu_forward(&a.fch_gelu, &a.fch)?;
-            linear_forward(
-                be,
-                &acts.branch_out,
+            // fch_gelu = gelu(fch), fch = fc(ln2): one call, fch kept for the backward.
+            be.matmul_gelu(
+                &a.fch_gelu,
+                &a.fch,
+                &a.ln2,
+                &p.fc_w,
+                Some(&p.fc_b),
+                linear_spec(n, c, 4 * c),
+            )?;
+            be.matmul_residual(
+                &a.residual3,
+                &a.residual2,
                 &a.fch_gelu,
                 &p.fcproj_w,
                 Some(&p.fcproj_b),
-                n,
-                4 * c,
-                c,
+                linear_spec(n, 4 * c, c),
             )?;
-            be.add(&a.residual3, &a.residual2, &acts.branch_out)?;
             units.forward_done(be, unit)?;
         }
 
@@ -271,7 +280,7 @@ impl<B: Backend> Gpt<B> {
         // logits = lnf · wteᵀ  (acts.logits now holds dlogits)
         linear_backward(
             be,
-            &acts.dln,
+            Some(&acts.dln),
             &droot.wte,
             None,
             &acts.logits,
@@ -305,9 +314,19 @@ impl<B: Backend> Gpt<B> {
             let g = BlockViews::new(be, layout, l, &gbuf)?;
             let x = block_input(acts, l);
             // x3 = x2 + fcproj(..): dresidual flows on unchanged to x2 and into the branch.
+            // fch_gelu = gelu(fch): dfch = (dresidual · fcproj_w) ∘ gelu'(fch) in one call, with
+            // fc's bias gradient (the column sums of dfch).
+            be.matmul_dgelu(
+                &acts.dfch,
+                Some(&g.fc_b),
+                &acts.dresidual,
+                &p.fcproj_w,
+                &a.fch,
+                input_grad_spec(n, 4 * c, c),
+            )?;
             linear_backward(
                 be,
-                &acts.dfch_gelu,
+                None,
                 &g.fcproj_w,
                 Some(&g.fcproj_b),
                 &acts.dresidual,
@@ -317,12 +336,11 @@ impl<B: Backend> Gpt<B> {
                 4 * c,
                 c,
             )?;
-            be.gelu_backward(&acts.dfch, &a.fch, &acts.dfch_gelu)?;
             linear_backward(
                 be,
-                &acts.dln,
+                Some(&acts.dln),
                 &g.fc_w,
-                Some(&g.fc_b),
+                None,
                 &acts.dfch,
                 &a.ln2,
                 &p.fc_w,
@@ -345,7 +363,7 @@ impl<B: Backend> Gpt<B> {
             // x2 = x + proj(attn(..)): dresidual flows on to x and into the attention branch.
             linear_backward(
                 be,
-                &acts.datty,
+                Some(&acts.datty),
                 &g.proj_w,
                 Some(&g.proj_b),
                 &acts.dresidual,
@@ -358,7 +376,7 @@ impl<B: Backend> Gpt<B> {
             be.attention_backward(&acts.dqkv, &acts.datty, &a.qkv, &a.atty, &a.lse, attn)?;
             linear_backward(
                 be,
-                &acts.dln,
+                Some(&acts.dln),
                 &g.qkv_w,
                 Some(&g.qkv_b),
                 &acts.dqkv,

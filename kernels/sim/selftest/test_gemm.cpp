@@ -97,9 +97,9 @@ void run_case(gpu& g, std::mt19937& rng, const gemm_case& c) {
     d.d = cm.layout();
     d.alpha = c.alpha;
     d.beta = c.beta;
-    d.epilogue_bias = c.bias;
+    d.epilogue = c.bias ? SIM_EPILOGUE_BIAS : SIM_EPILOGUE_DEFAULT;
     d.bias_type = c.out_type;
-    OK(sim_gemm_async(g.s, &d, da, db, dc, dd, dbias));
+    OK(sim_gemm_async(g.s, &d, da, db, dc, dd, dbias, 0));
     const std::vector<float> got = download(g, dd, c.out_type, cm.ld * n);
     int wrong = 0;
     double worst = 0;
@@ -154,7 +154,7 @@ SIM_TEST(gemm_row_major_mapping) {
     d.b = {SIM_F32, k, m, k};
     d.c = d.d = {SIM_F32, n, m, n};
     d.alpha = 1.0f;
-    OK(sim_gemm_async(g.s, &d, db, da, 0, dout, 0));
+    OK(sim_gemm_async(g.s, &d, db, da, 0, dout, 0, 0));
     const std::vector<float> out = g.download<float>(dout, m * n);
     for (uint64_t i = 0; i < m; i++)
         for (uint64_t j = 0; j < n; j++) {
@@ -173,9 +173,9 @@ SIM_TEST(gemm_refusals) {
     ok.b = {SIM_F32, 4, 6, 4};
     ok.c = ok.d = {SIM_F32, 8, 6, 8};
     ok.alpha = 1.0f;
-    OK(sim_gemm_async(g.s, &ok, buf, buf, 0, buf, 0));
+    OK(sim_gemm_async(g.s, &ok, buf, buf, 0, buf, 0, 0));
     auto refuse = [&](sim_gemm_desc d, int want, const char* text, uint64_t a, uint64_t bias = 0) {
-        CHECK_RC(sim_gemm_async(g.s, &d, a, buf, buf, buf, bias), want);
+        CHECK_RC(sim_gemm_async(g.s, &d, a, buf, buf, buf, bias, 0), want);
         CHECK_ERROR_HAS(text);
     };
     sim_gemm_desc d = ok;
@@ -188,10 +188,10 @@ SIM_TEST(gemm_refusals) {
     d.c.cols = 5;
     refuse(d, SIM_ERROR_INVALID, "layouts disagree", buf);
     d = ok;
-    d.epilogue_bias = 1;
+    d.epilogue = SIM_EPILOGUE_BIAS;
     d.bias_type = SIM_F32;
     refuse(d, SIM_ERROR_INVALID, "needs a bias pointer", buf);
-    refuse(ok, SIM_ERROR_INVALID, "without epilogue_bias", buf, buf);
+    refuse(ok, SIM_ERROR_INVALID, "which has no bias", buf, buf);
     d.bias_type = SIM_BF16;
     refuse(d, SIM_ERROR_INVALID, "bias is bf16 but D is f32", buf, buf);
     d = ok;
@@ -205,7 +205,7 @@ SIM_TEST(gemm_refusals) {
     d.beta = 1.0f;
     d.c.ld = 9;
     d.c.rows = 8;
-    CHECK_RC(sim_gemm_async(g.s, &d, buf, buf, buf, buf, 0), SIM_ERROR_INVALID);
+    CHECK_RC(sim_gemm_async(g.s, &d, buf, buf, buf, buf, 0, 0), SIM_ERROR_INVALID);
     CHECK_ERROR_HAS("in place");
     OK(sim_stream_synchronize(g.s));
 }
@@ -232,7 +232,7 @@ SIM_TEST(bench_gemm) {
         desc.alpha = 1.0f;
         OK(sim_stream_synchronize(g.s));
         const double t = now_ms();
-        OK(sim_gemm_async(g.s, &desc, a, b, 0, d, 0));
+        OK(sim_gemm_async(g.s, &desc, a, b, 0, d, 0, 0));
         OK(sim_stream_synchronize(g.s));
         const double ms = now_ms() - t;
         fprintf(stderr, "     gemm %llu^3 %s: %.2f GFLOP/s (%.1f ms)\n", (unsigned long long)n,

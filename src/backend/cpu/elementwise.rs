@@ -68,19 +68,36 @@ pub fn gelu_forward<T: Real>(out: &mut [T], inp: &[T]) {
         });
 }
 
-pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T]) {
+/// `gelu'(x)`, the factor the GELU backward multiplies the output gradient by.
+#[inline]
+fn gelu_slope<T: Real>(x: T) -> T {
     let (s, c) = gelu_coeffs::<T>();
     let half = T::of_f32(0.5);
     let three = T::of_f32(3.0);
+    let u = s * (x + c * x * x * x);
+    let (one_plus_tanh, sech2) = tanh_parts(u);
+    let du = s * (T::one() + three * c * x * x);
+    half * one_plus_tanh + half * x * sech2 * du
+}
+
+pub fn gelu_backward<T: Real>(dinp: &mut [T], inp: &[T], dout: &[T]) {
     dinp.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK)))
         .for_each(|(dx, (x, dy))| {
             for i in 0..dx.len() {
-                let x = x[i];
-                let u = s * (x + c * x * x * x);
-                let (one_plus_tanh, sech2) = tanh_parts(u);
-                let du = s * (T::one() + three * c * x * x);
-                dx[i] = (half * one_plus_tanh + half * x * sech2 * du) * dy[i];
+                dx[i] = gelu_slope(x[i]) * dy[i];
+            }
+        });
+}
+
+/// [`gelu_backward`] with `dout` read from `d` and the result written over it (the fused
+/// matmul + GELU backward, which has the matmul's output in place): the same arithmetic.
+pub fn gelu_backward_in_place<T: Real>(d: &mut [T], inp: &[T]) {
+    d.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(d, x)| {
+            for i in 0..d.len() {
+                d[i] = gelu_slope(x[i]) * d[i];
             }
         });
 }

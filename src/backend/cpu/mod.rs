@@ -24,8 +24,8 @@ pub use storage::CpuBuf;
 use storage::{round_to_dtype, Borrows};
 
 use super::{
-    expect_dtype, expect_len, shapes, AdamWStep, AttentionShape, Backend, Buffer, DType,
-    MatmulSpec, LAYERNORM_EPS,
+    expect_dtype, expect_len, fused_linear, shapes, AdamWStep, AttentionShape, Backend, Buffer,
+    DType, MatmulSpec, LAYERNORM_EPS,
 };
 
 /// Token ids in host memory.
@@ -179,6 +179,31 @@ impl<T: Real> Backend for CpuBackend<T> {
         matmul::bias_backward(o, b.input(dout), cols);
         round_to_dtype(dbias.dtype(), o);
         Ok(())
+    }
+
+    fn matmul_dgelu(
+        &self,
+        dpre: &CpuBuf<T>,
+        dbias: Option<&CpuBuf<T>>,
+        a: &CpuBuf<T>,
+        b: &CpuBuf<T>,
+        pre: &CpuBuf<T>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        // The default's three ops, with the matmul's output kept in `dpre` instead of a
+        // temporary: the same roundings in the same order, so the same bits.
+        fused_linear::check_matmul_dgelu(dpre, dbias, a, b, pre, &spec)?;
+        let ins = [("a", a), ("b", b), ("pre", pre)];
+        let bw = Borrows::check("matmul_dgelu", &[("dpre", dpre)], &ins)?;
+        let d = bw.output(0);
+        matmul::matmul(d, bw.input(a), bw.input(b), None, spec);
+        round_to_dtype(dpre.dtype(), d);
+        elementwise::gelu_backward_in_place(d, bw.input(pre));
+        round_to_dtype(dpre.dtype(), d);
+        match dbias {
+            Some(dbias) => self.bias_backward(dbias, dpre, spec.m, spec.n),
+            None => Ok(()),
+        }
     }
 
     fn layernorm_forward(

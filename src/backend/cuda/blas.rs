@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Result};
 
-use super::driver::{GemmCall, GemmDesc, MatrixLayout, Stream};
+use super::driver::{Epilogue, GemmCall, GemmDesc, MatrixLayout, NoAlgorithm, Stream};
 use super::memory::{CudaBuf, DeviceMemory, MemoryStats};
 use crate::backend::{DType, MatmulSpec};
 use std::sync::Arc;
@@ -78,10 +78,28 @@ pub(super) fn row_major_desc(
             cols: m,
             ld: n,
         },
+        epilogue: if bias.is_some() {
+            Epilogue::Bias
+        } else {
+            Epilogue::Default
+        },
         bias,
+        aux_ld: 0,
         align,
         accumulate: s.accumulate,
+        out_of_place: false,
     }
+}
+
+/// What a fused product adds to [`Blas::matmul`]'s operands (see `fused_linear.rs`).
+pub(super) struct Fusion<'a> {
+    pub epilogue: Epilogue,
+    /// The bias the epilogue adds, or the vector its bias gradient overwrites.
+    pub bias: Option<&'a CudaBuf>,
+    /// The auxiliary `[m, n]` row-major matrix (GELU's input), leading dimension `n`.
+    pub aux: Option<&'a CudaBuf>,
+    /// C when distinct from `out` (beta = 1 with C = this, the residual).
+    pub c: Option<&'a CudaBuf>,
 }
 
 /// One rank's matmul state: the cuBLASLt workspace, allocated at the first product.
@@ -106,6 +124,32 @@ impl Blas {
         bias: Option<&CudaBuf>,
         s: MatmulSpec,
     ) -> Result<()> {
+        let epilogue = if bias.is_some() {
+            Epilogue::Bias
+        } else {
+            Epilogue::Default
+        };
+        let fusion = Fusion {
+            epilogue,
+            bias,
+            aux: None,
+            c: None,
+        };
+        self.gemm(stream, out, a, b, &fusion, s)
+    }
+
+    /// A product with an epilogue; the caller checked lengths, overlap, dtypes of the fused
+    /// operands and the epilogue's requirements (`fused_linear.rs`). A [`NoAlgorithm`] error
+    /// (`super::driver::NoAlgorithm`) comes back unwrapped, so the caller can fall back.
+    pub(super) fn gemm(
+        &self,
+        stream: &dyn Stream,
+        out: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        f: &Fusion<'_>,
+        s: MatmulSpec,
+    ) -> Result<()> {
         if a.dtype != b.dtype {
             bail!(
                 "matmul: `a` is {} and `b` is {}; the CUDA backend multiplies operands of one dtype",
@@ -119,10 +163,10 @@ impl Blas {
                 out.dtype
             );
         }
-        if let Some(bias) = bias {
+        if let Some(bias) = f.bias {
             if bias.dtype != out.dtype {
                 bail!(
-                    "matmul: `bias` is {} and `out` is {}; cuBLASLt's bias epilogue needs them equal",
+                    "matmul: `bias` is {} and `out` is {}; cuBLASLt's bias epilogues need them equal",
                     bias.dtype,
                     out.dtype
                 );
@@ -131,32 +175,43 @@ impl Blas {
         let align = [
             alignment(b.ptr()),
             alignment(a.ptr()),
-            alignment(out.ptr()),
-            bias.map_or(256, |x| alignment(x.ptr())),
+            alignment(out.ptr()).min(f.c.map_or(256, |c| alignment(c.ptr()))),
+            f.bias.map_or(256, |x| alignment(x.ptr())),
         ];
-        let desc = row_major_desc(&s, a.dtype, out.dtype, bias.map(|x| x.dtype), align);
+        let mut desc = row_major_desc(&s, a.dtype, out.dtype, f.bias.map(|x| x.dtype), align);
+        desc.epilogue = f.epilogue;
+        // Row-major [m, n] is column-major n x m with leading dimension n, like D.
+        desc.aux_ld = if f.aux.is_some() { s.n as u64 } else { 0 };
+        desc.accumulate = s.accumulate || f.c.is_some();
+        desc.out_of_place = f.c.is_some();
         let call = GemmCall {
             desc,
             // Column-major: the first operand is b, the second a (see the module docs).
             a: b.ptr(),
             b: a.ptr(),
+            c: f.c.map_or(out.ptr(), |c| c.ptr()),
             d: out.ptr(),
-            bias: bias.map_or(0, |x| x.ptr()),
+            bias: f.bias.map_or(0, |x| x.ptr()),
+            aux: f.aux.map_or(0, |x| x.ptr()),
             workspace: self.workspace.ptr(),
             workspace_bytes: WORKSPACE_BYTES,
         };
         // SAFETY: every address is a live buffer of the lengths the caller checked against the
         // shapes the layouts describe; the workspace lives as long as this Blas.
         unsafe { stream.gemm(&call) }.map_err(|e| {
+            if e.is::<NoAlgorithm>() {
+                return e;
+            }
             anyhow::anyhow!(
-                "matmul m={} n={} k={} (trans_a {}, trans_b {}, {} -> {}): {e:#}",
+                "matmul m={} n={} k={} (trans_a {}, trans_b {}, {} -> {}, epilogue {:?}): {e:#}",
                 s.m,
                 s.n,
                 s.k,
                 s.trans_a,
                 s.trans_b,
                 a.dtype,
-                out.dtype
+                out.dtype,
+                f.epilogue
             )
         })
     }

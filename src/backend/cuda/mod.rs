@@ -17,6 +17,7 @@ mod attention_tc_backward;
 mod blas;
 mod device;
 pub mod driver;
+mod fused_linear;
 mod launch;
 mod layernorm;
 mod memory;

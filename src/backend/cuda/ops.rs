@@ -285,6 +285,53 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn matmul_gelu(
+        &self,
+        out: &CudaBuf,
+        pre: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        self.fused_matmul_gelu(out, pre, a, b, bias, spec)
+    }
+
+    fn matmul_dgelu(
+        &self,
+        dpre: &CudaBuf,
+        dbias: Option<&CudaBuf>,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        pre: &CudaBuf,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        self.fused_matmul_dgelu(dpre, dbias, a, b, pre, spec)
+    }
+
+    fn matmul_bias_grad(
+        &self,
+        out: &CudaBuf,
+        dbias: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        self.fused_matmul_bias_grad(out, dbias, a, b, spec)
+    }
+
+    fn matmul_residual(
+        &self,
+        out: &CudaBuf,
+        residual: &CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        spec: MatmulSpec,
+    ) -> Result<()> {
+        self.fused_matmul_residual(out, residual, a, b, bias, spec)
+    }
+
     fn layernorm_forward(
         &self,
         out: &CudaBuf,

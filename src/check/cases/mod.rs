@@ -11,6 +11,7 @@ mod embedding;
 mod gelu;
 mod layernorm;
 mod linear;
+mod linear_fused;
 mod loss;
 mod optim;
 
@@ -30,6 +31,10 @@ pub(crate) fn all<S: Backend>() -> Vec<(&'static str, OpCases<S>)> {
         ("accumulate", elementwise::accumulate::<S>),
         ("matmul", linear::matmul::<S>),
         ("bias_backward", linear::bias_backward::<S>),
+        ("matmul_gelu", linear_fused::matmul_gelu::<S>),
+        ("matmul_dgelu", linear_fused::matmul_dgelu::<S>),
+        ("matmul_bias_grad", linear_fused::matmul_bias_grad::<S>),
+        ("matmul_residual", linear_fused::matmul_residual::<S>),
         ("layernorm_forward", layernorm::forward::<S>),
         ("layernorm_backward", layernorm::backward::<S>),
         ("gelu_forward", gelu::forward::<S>),

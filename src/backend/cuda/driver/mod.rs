@@ -134,9 +134,47 @@ pub struct MatrixLayout {
     pub ld: u64,
 }
 
+/// The cuBLASLt epilogues the backend uses (`cublasLtEpilogue_t`, with its values). Column-major,
+/// for `D` of `m x n` and `v = alpha * op(A) * op(B) + beta * C`:
+/// - `Default`: `D = v`; `Bias`: `D = v + bias[i]` (`m` values);
+/// - `GeluAux` / `GeluAuxBias`: `aux = v (+ bias[i])`, `D = gelu(aux)` (GELU of the unrounded sum);
+/// - `DGelu` / `DGeluBGrad`: `D = v * gelu'(aux)`, and with BGRAD `bias[i] = Σ_j D[i, j]` (the
+///   bias gradient, `m` values, written, not accumulated);
+/// - `BGradB`: `D = v`, and `bias[j] = Σ_p op(B)[p, j]` (`n` values: the reduction over `k`).
+///
+/// `aux` is `m x n` with leading dimension [`GemmDesc::aux_ld`], of D's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    Default = 1,
+    Bias = 4,
+    GeluAux = 160,
+    GeluAuxBias = 164,
+    DGelu = 192,
+    DGeluBGrad = 208,
+    BGradB = 512,
+}
+
+impl Epilogue {
+    /// Whether the epilogue reads or writes the auxiliary matrix.
+    pub fn has_aux(self) -> bool {
+        matches!(
+            self,
+            Epilogue::GeluAux | Epilogue::GeluAuxBias | Epilogue::DGelu | Epilogue::DGeluBGrad
+        )
+    }
+    /// Whether the epilogue reads a bias vector or writes a bias gradient vector.
+    pub fn has_bias(self) -> bool {
+        matches!(
+            self,
+            Epilogue::Bias | Epilogue::GeluAuxBias | Epilogue::DGeluBGrad | Epilogue::BGradB
+        )
+    }
+}
+
 /// The values the backend sets on a cuBLASLt matmul descriptor, its layouts and its preference
 /// (compute type f32 and scale type f32 always: the f32 path must match the CPU, so never TF32).
-/// Column-major: `D = alpha * op(A) * op(B) + beta * C (+ bias)`; C and D share `d`'s layout.
+/// Column-major: `D = alpha * op(A) * op(B) + beta * C`, then the epilogue; C and D share `d`'s
+/// layout (C may be D, or a distinct matrix of the same layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmDesc {
     pub trans_a: bool,
@@ -144,13 +182,18 @@ pub struct GemmDesc {
     pub a: MatrixLayout,
     pub b: MatrixLayout,
     pub d: MatrixLayout,
-    /// `CUBLASLT_EPILOGUE_BIAS` with a bias of this dtype (one value per row of D).
+    pub epilogue: Epilogue,
+    /// dtype of the epilogue's bias or bias-gradient vector (`Some` exactly when it has one).
     pub bias: Option<DType>,
+    /// Leading dimension of the auxiliary matrix (0 without one).
+    pub aux_ld: u64,
     /// Minimum alignments in bytes of A, B, C/D and the bias (the heuristic's preference: the
     /// algorithm chosen must fit the pointers).
     pub align: [u32; 4],
-    /// `beta` is 1 (accumulate into D) rather than 0; `alpha` is 1.
+    /// `beta` is 1 (add C) rather than 0; `alpha` is 1.
     pub accumulate: bool,
+    /// C is a matrix distinct from D (the algorithm must support an out-of-place result).
+    pub out_of_place: bool,
 }
 
 /// One matmul: its descriptor and the device addresses.
@@ -159,9 +202,26 @@ pub struct GemmCall {
     pub desc: GemmDesc,
     pub a: u64,
     pub b: u64,
+    /// C, read when `desc.accumulate`: D itself, or a distinct matrix of D's layout.
+    pub c: u64,
     pub d: u64,
-    /// 0 without a bias.
+    /// The bias or bias-gradient vector; 0 without one.
     pub bias: u64,
+    /// The auxiliary matrix; 0 without one.
+    pub aux: u64,
     pub workspace: u64,
     pub workspace_bytes: usize,
 }
+
+/// What [`Stream::gemm`] fails with when the library has no algorithm for a descriptor (a real
+/// GPU's heuristic can refuse an epilogue for a shape): the caller may fall back to unfused ops.
+#[derive(Debug)]
+pub struct NoAlgorithm(pub String);
+
+impl std::fmt::Display for NoAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no matmul algorithm: {}", self.0)
+    }
+}
+
+impl std::error::Error for NoAlgorithm {}

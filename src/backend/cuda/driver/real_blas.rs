@@ -1,9 +1,11 @@
 //! cuBLASLt under the real driver: a handle per stream, and per descriptor (the values the shared
 //! code chose, see [`GemmDesc`]) the matmul descriptor, its three layouts and the algorithm the
-//! heuristic picks, created once and cached.
+//! heuristic picks, created once and cached. A descriptor with a fused epilogue for which the
+//! heuristic has no algorithm is remembered as refused and reported as [`NoAlgorithm`] (logged
+//! once), so the backend falls back to unfused ops instead of failing the run.
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -11,7 +13,7 @@ use anyhow::{anyhow, Result};
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 
-use super::{GemmCall, GemmDesc, MatrixLayout};
+use super::{Epilogue, GemmCall, GemmDesc, MatrixLayout, NoAlgorithm};
 use crate::backend::DType;
 
 /// Everything cuBLASLt needs for one descriptor; destroyed with the cache.
@@ -38,6 +40,8 @@ impl Drop for Plan {
 struct LtState {
     handle: sys::cublasLtHandle_t,
     plans: HashMap<GemmDesc, Plan>,
+    /// Fused descriptors the heuristic found no algorithm for.
+    refused: HashSet<GemmDesc>,
 }
 
 impl Drop for LtState {
@@ -88,26 +92,46 @@ impl LtCache {
             *guard = Some(LtState {
                 handle,
                 plans: HashMap::new(),
+                refused: HashSet::new(),
             });
         }
         let state = guard.as_mut().expect("made above");
         let handle = state.handle;
+        if state.refused.contains(&call.desc) {
+            return Err(NoAlgorithm(format!("{:?}", call.desc.epilogue)).into());
+        }
         let plan = match state.plans.entry(call.desc) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(make_plan(handle, &call.desc, call.workspace_bytes)?),
+            Entry::Vacant(e) => match make_plan(handle, &call.desc, call.workspace_bytes) {
+                Ok(plan) => e.insert(plan),
+                Err(PlanError::NoAlgorithm(why)) if is_fused(&call.desc) => {
+                    tracing::warn!(
+                        "cuBLASLt has no algorithm for {:?} ({why}): these products run unfused",
+                        call.desc
+                    );
+                    state.refused.insert(call.desc);
+                    return Err(NoAlgorithm(why).into());
+                }
+                Err(PlanError::NoAlgorithm(why)) => {
+                    return Err(anyhow!(
+                        "cuBLASLt has no algorithm for {:?}: {why}",
+                        call.desc
+                    ))
+                }
+                Err(PlanError::Other(e)) => return Err(e),
+            },
         };
         let alpha: f32 = 1.0;
         let beta: f32 = if call.desc.accumulate { 1.0 } else { 0.0 };
+        use sys::cublasLtMatmulDescAttributes_t as D;
+        // The pointers are descriptor attributes, set under the same lock as the call.
         if call.desc.bias.is_some() {
-            // The bias address is a descriptor attribute, set under the same lock as the call.
             let p = call.bias as *const c_void;
-            lt::set_matmul_desc_attribute(
-                plan.desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                &p as *const *const c_void as *const c_void,
-                std::mem::size_of::<*const c_void>(),
-            )
-            .map_err(lt_err("set bias pointer"))?;
+            set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
+        }
+        if call.desc.epilogue.has_aux() {
+            let p = call.aux as *const c_void;
+            set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p)?;
         }
         lt::matmul(
             handle,
@@ -118,7 +142,7 @@ impl LtCache {
             plan.layouts[0],
             call.b as *const c_void,
             plan.layouts[1],
-            call.d as *const c_void,
+            call.c as *const c_void,
             plan.layouts[2],
             call.d as *mut c_void,
             plan.layouts[2],
@@ -136,8 +160,43 @@ fn layout(l: &MatrixLayout) -> Result<sys::cublasLtMatrixLayout_t> {
         .map_err(lt_err("create layout"))
 }
 
+/// Whether `d` is one of the fused products (an epilogue beyond the bias, or C distinct from D),
+/// which may fall back to unfused ops.
+fn is_fused(d: &GemmDesc) -> bool {
+    d.out_of_place || !matches!(d.epilogue, Epilogue::Default | Epilogue::Bias)
+}
+
+fn lt_epilogue(e: Epilogue) -> sys::cublasLtEpilogue_t {
+    use sys::cublasLtEpilogue_t as E;
+    match e {
+        Epilogue::Default => E::CUBLASLT_EPILOGUE_DEFAULT,
+        Epilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+        Epilogue::GeluAux => E::CUBLASLT_EPILOGUE_GELU_AUX,
+        Epilogue::GeluAuxBias => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+        Epilogue::DGelu => E::CUBLASLT_EPILOGUE_DGELU,
+        Epilogue::DGeluBGrad => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
+        Epilogue::BGradB => E::CUBLASLT_EPILOGUE_BGRADB,
+    }
+}
+
+/// Why no plan was made: the heuristic found no algorithm, or another failure.
+enum PlanError {
+    NoAlgorithm(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for PlanError {
+    fn from(e: anyhow::Error) -> Self {
+        PlanError::Other(e)
+    }
+}
+
 /// Creates the descriptor and layouts for `key` and asks the heuristic for its best algorithm.
-fn make_plan(handle: sys::cublasLtHandle_t, key: &GemmDesc, workspace: usize) -> Result<Plan> {
+fn make_plan(
+    handle: sys::cublasLtHandle_t,
+    key: &GemmDesc,
+    workspace: usize,
+) -> std::result::Result<Plan, PlanError> {
     let desc = lt::create_matmul_desc(
         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         sys::cudaDataType::CUDA_R_32F,
@@ -163,18 +222,28 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: &GemmDesc, workspace: usize) ->
     unsafe {
         set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_TRANSA, &op(key.trans_a))?;
         set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_TRANSB, &op(key.trans_b))?;
-        if let Some(bias) = key.bias {
-            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        if key.epilogue != Epilogue::Default {
+            let epilogue = lt_epilogue(key.epilogue);
             set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+        }
+        if let Some(bias) = key.bias {
+            // The bias, or the bias gradient the BGRAD epilogues write: D's type (the shared code
+            // checked), the documented default, set explicitly.
             set_desc(
                 plan.desc,
                 D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
                 &data_type(bias),
             )?;
         }
+        if key.epilogue.has_aux() {
+            // An int64; the auxiliary matrix takes D's type by default (not set here: the
+            // attribute's type rules concern FP8 outputs).
+            let ld = key.aux_ld as i64;
+            set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld)?;
+        }
     }
     let pref = lt::create_matmul_pref().map_err(lt_err("create preference"))?;
-    let chosen = (|| -> Result<sys::cublasLtMatmulHeuristicResult_t> {
+    let chosen = (|| -> std::result::Result<sys::cublasLtMatmulHeuristicResult_t, PlanError> {
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let ws = workspace as u64;
         // SAFETY: attribute buffers are live locals of the sizes given; the descriptors are valid.
@@ -209,7 +278,7 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: &GemmDesc, workspace: usize) ->
                 plan.layouts[2],
                 pref,
             )
-            .map_err(|e| anyhow!("cuBLASLt has no algorithm for {key:?}: {e:?}"))
+            .map_err(|e| PlanError::NoAlgorithm(format!("{e:?}")))
         }
     })();
     // SAFETY: created above, destroyed once.

@@ -45,8 +45,9 @@ struct SimGemmDesc {
     d: SimLayout,
     alpha: f32,
     beta: f32,
-    epilogue_bias: c_int,
+    epilogue: c_int,
     bias_type: c_int,
+    aux_ld: u64,
 }
 
 const SIM_OK: c_int = 0;
@@ -89,8 +90,16 @@ struct SimLib {
         *const u16,
         c_int,
     ) -> c_int,
-    gemm:
-        unsafe extern "C" fn(*mut RawStream, *const SimGemmDesc, u64, u64, u64, u64, u64) -> c_int,
+    gemm: unsafe extern "C" fn(
+        *mut RawStream,
+        *const SimGemmDesc,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+        u64,
+    ) -> c_int,
 }
 
 /// Where build.rs put the library, or why it did not build one.
@@ -592,15 +601,19 @@ impl Stream for SimStream {
             d: sim_layout(&d.d),
             alpha: 1.0,
             beta: if d.accumulate { 1.0 } else { 0.0 },
-            epilogue_bias: c_int::from(d.bias.is_some()),
+            // cuBLASLt's own enum values (sim_api.h uses them too).
+            epilogue: d.epilogue as c_int,
             bias_type: match d.bias {
                 Some(DType::Bf16) => 1,
                 _ => 0,
             },
+            aux_ld: d.aux_ld,
         };
         let lib = self.dev.lib;
         lib.check(
-            (lib.gemm)(self.raw, &desc, call.a, call.b, call.d, call.d, call.bias),
+            (lib.gemm)(
+                self.raw, &desc, call.a, call.b, call.c, call.d, call.bias, call.aux,
+            ),
             "matmul",
         )
     }
