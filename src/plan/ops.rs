@@ -106,7 +106,6 @@ fn kernel(name: &str, class: OpClass, launches: u32, flops: f64, bytes: f64) -> 
 
 /// Nominal FLOPs per element of the memory-bound kernels (never the binding limit).
 const LAYERNORM_FLOPS_PER_ELEMENT: f64 = 8.0;
-const GELU_FLOPS_PER_ELEMENT: f64 = 16.0;
 const ADAMW_FLOPS_PER_ELEMENT: f64 = 16.0;
 const CROSS_ENTROPY_FLOPS_PER_ELEMENT: f64 = 6.0;
 /// Rows of the bias gradient one block sums (`ROWS_PER_CHUNK` in src/backend/cuda/ops.rs).
@@ -143,6 +142,14 @@ fn matmul(
     let output = mf * nf * out * if acc { 2.0 } else { 1.0 };
     let k = kernel("cuBLASLt GEMM", OpClass::Matmul, 1, flops, inputs + output);
     OpCall::one("matmul", what, k)
+}
+
+/// A matmul with a cuBLASLt epilogue (model::gpt's fused linear ops), profiled under `op`:
+/// the product's cost plus what the epilogue reads or writes besides it.
+fn fused_matmul(op: &'static str, plain: OpCall, epilogue_bytes: f64) -> OpCall {
+    let mut k = plain.kernels[0].clone();
+    k.bytes += epilogue_bytes;
+    OpCall::one(op, &plain.what, k)
 }
 
 /// A call of one memory-bound kernel (or `launches` tiny ones counted together).
@@ -259,6 +266,46 @@ fn linear_backward(
     }
 }
 
+/// A linear layer's input gradient alone: `dinp = dout · w`.
+fn input_grad(c: &mut Calls, times: u64, what: &str, n: usize, inf: usize, outf: usize, b: Bytes) {
+    let call = matmul(
+        &format!("{what} dinp"),
+        n,
+        inf,
+        outf,
+        false,
+        false,
+        b.act,
+        b,
+    );
+    c.push(times, call);
+}
+
+/// A weight gradient accumulated with its bias gradient from the same product
+/// (`matmul_bias_grad`: the column sums of dout, a vector written and added into dbias).
+fn weight_grad_with_bias(
+    c: &mut Calls,
+    times: u64,
+    what: &str,
+    n: usize,
+    inf: usize,
+    outf: usize,
+    b: Bytes,
+) {
+    let dw = matmul(
+        &format!("{what} dweight + dbias"),
+        outf,
+        inf,
+        n,
+        false,
+        true,
+        b.grad,
+        b,
+    );
+    let dbias = 3.0 * outf as f64 * b.grad;
+    c.push(times, fused_matmul("matmul_bias_grad", dw, dbias));
+}
+
 fn layernorm_forward(c: &mut Calls, times: u64, what: &str, n: usize, ch: usize, b: Bytes) {
     let (nf, cf) = (n as f64, ch as f64);
     // inp read, out written, weight and bias read, mean and rstd (f32) written.
@@ -303,24 +350,6 @@ fn layernorm_backward(
         kernels: vec![kernel("row pass", OpClass::Memory, 1, flops, rows), column],
     };
     c.push(times, call);
-}
-
-fn elementwise(
-    c: &mut Calls,
-    times: u64,
-    op: &'static str,
-    what: &str,
-    len: usize,
-    reads: f64,
-    writes: f64,
-    size: f64,
-    flops_per: f64,
-) {
-    let l = len as f64;
-    c.push(
-        times,
-        memory_op(op, what, 1, flops_per * l, (reads + writes) * l * size),
-    );
 }
 
 fn attention_forward(
@@ -436,31 +465,21 @@ pub fn step_calls(w: &Workload, plan: &ShardPlan, accum: usize, k: &KernelProfil
     layernorm_forward(&mut c, 2 * per_layer, "ln1, ln2", n, ch, b);
     linear_forward(&mut c, per_layer, "qkv", n, ch, 3 * ch, true, b);
     attention_forward(&mut c, per_layer, &s, batch, seq, b, &k.attention);
-    linear_forward(&mut c, per_layer, "attn proj", n, ch, ch, true, b);
-    elementwise(
-        &mut c,
-        2 * per_layer,
-        "add",
-        "residual",
-        n * ch,
-        2.0,
-        1.0,
-        b.act,
-        1.0,
-    );
-    linear_forward(&mut c, per_layer, "fc", n, ch, 4 * ch, true, b);
-    elementwise(
-        &mut c,
+    // The projections write the residual stream (beta = 1, C the residual: one more read).
+    let residual = nf * ch as f64 * b.act;
+    let proj = matmul("attn proj forward", n, ch, ch, true, false, b.act, b);
+    c.push(per_layer, fused_matmul("matmul_residual", proj, residual));
+    // fc with GELU in its epilogue, the pre-activation kept (one more write).
+    let fc = matmul("fc forward + gelu", n, 4 * ch, ch, true, false, b.act, b);
+    c.push(
         per_layer,
-        "gelu_forward",
-        "gelu",
-        n * 4 * ch,
-        1.0,
-        1.0,
-        b.act,
-        GELU_FLOPS_PER_ELEMENT,
+        fused_matmul("matmul_gelu", fc, nf * (4 * ch) as f64 * b.act),
     );
-    linear_forward(&mut c, per_layer, "fc proj", n, 4 * ch, ch, true, b);
+    let fc_proj = matmul("fc proj forward", n, ch, 4 * ch, true, false, b.act, b);
+    c.push(
+        per_layer,
+        fused_matmul("matmul_residual", fc_proj, residual),
+    );
     layernorm_forward(&mut c, accum, "lnf", n, ch, b);
     linear_forward(&mut c, accum, "lm head", n, ch, v, false, b);
     // Fused softmax + cross-entropy: logits read, their gradient written in place.
@@ -484,23 +503,31 @@ pub fn step_calls(w: &Workload, plan: &ShardPlan, accum: usize, k: &KernelProfil
         memory_op("fill", "dresidual = 0", 1, 0.0, nf * ch as f64 * b.act),
     );
     layernorm_backward(&mut c, accum, "lnf", n, ch, b, k);
-    linear_backward(&mut c, per_layer, "fc proj", n, 4 * ch, ch, true, b);
-    elementwise(
-        &mut c,
-        per_layer,
-        "gelu_backward",
-        "gelu",
-        n * 4 * ch,
-        2.0,
-        1.0,
+    // fc proj: its input gradient through the GELU backward epilogue (the pre-activation read,
+    // fc's bias gradient summed), its weight gradient with its bias gradient (BGRADB).
+    let dgelu = matmul(
+        "fc proj dinp + dgelu",
+        n,
+        4 * ch,
+        ch,
+        false,
+        false,
         b.act,
-        GELU_FLOPS_PER_ELEMENT,
+        b,
     );
-    linear_backward(&mut c, per_layer, "fc", n, ch, 4 * ch, true, b);
+    c.push(
+        per_layer,
+        fused_matmul("matmul_dgelu", dgelu, nf * (4 * ch) as f64 * b.act),
+    );
+    weight_grad_with_bias(&mut c, per_layer, "fc proj", n, 4 * ch, ch, b);
+    // fc: plain products (its bias gradient came with the GELU backward).
+    linear_backward(&mut c, per_layer, "fc", n, ch, 4 * ch, false, b);
     layernorm_backward(&mut c, 2 * per_layer, "ln2, ln1", n, ch, b, k);
-    linear_backward(&mut c, per_layer, "attn proj", n, ch, ch, true, b);
+    input_grad(&mut c, per_layer, "attn proj", n, ch, ch, b);
+    weight_grad_with_bias(&mut c, per_layer, "attn proj", n, ch, ch, b);
     attention_backward(&mut c, per_layer, &s, batch, seq, b, &k.attention);
-    linear_backward(&mut c, per_layer, "qkv", n, ch, 3 * ch, true, b);
+    input_grad(&mut c, per_layer, "qkv", n, ch, 3 * ch, b);
+    weight_grad_with_bias(&mut c, per_layer, "qkv", n, ch, 3 * ch, b);
     // Positions: dout read, dwpe's first seq rows read and written; tokens: dout and ids read,
     // dwte's rows updated by atomics (a read and a write per element).
     let positions = nf * ch as f64 * b.act + 2.0 * (seq * ch) as f64 * b.grad;
