@@ -56,7 +56,8 @@ pub(super) fn adamw<S: Backend>(cx: &mut Ctx<'_, S>) {
 
 /// (buffer length, pieces as (offset, len, decays)): one piece, pieces that touch, gaps before,
 /// between and after, and a long piece beside short ones (a block's matrices and biases).
-const SEGMENT_CASES: [(usize, &[(usize, usize, bool)]); 4] = [
+type Pieces = &'static [(usize, usize, bool)];
+const SEGMENT_CASES: [(usize, Pieces); 4] = [
     (1, &[(0, 1, true)]),
     (300, &[(0, 100, true), (100, 7, false), (107, 193, true)]),
     (
