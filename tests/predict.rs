@@ -20,7 +20,7 @@ use shardtrain::config::{Config, DeviceKind, ShardStrategy};
 use shardtrain::model::ParamLayout;
 use shardtrain::plan::hardware::{resolve, GpuKind, HardwareOverrides};
 use shardtrain::plan::ops::{causal_tile_pairs, step_calls, OpCall, OpClass};
-use shardtrain::plan::roofline::{predict, CURRENT, PLANNED};
+use shardtrain::plan::roofline::{predict, CUDA_CORE, TENSOR_CORE};
 use shardtrain::plan::{batch_split, Workload};
 use shardtrain::shard::engine::RankComms;
 use shardtrain::shard::ShardPlan;
@@ -390,7 +390,7 @@ fn predicted_step(cfg: &Config) -> BTreeMap<&'static str, u64> {
     let accum = batch_split(&w, plan.world_size).accum;
     assert_eq!(accum, cfg.train.grad_accum_steps(plan.world_size));
     let mut by_op = BTreeMap::new();
-    for k in [CURRENT, PLANNED] {
+    for k in [CUDA_CORE, TENSOR_CORE] {
         let mut calls = BTreeMap::new();
         for c in step_calls(&w, &plan, accum, &k) {
             *calls.entry(c.op).or_default() += c.calls;
@@ -454,7 +454,7 @@ fn gpt2() -> Config {
 fn calls_of(cfg: &Config) -> (Workload, Vec<OpCall>) {
     let w = Workload::from_config(cfg);
     let plan = ShardPlan::new(&cfg.parallel);
-    let calls = step_calls(&w, &plan, 1, &CURRENT);
+    let calls = step_calls(&w, &plan, 1, &CUDA_CORE);
     (w, calls)
 }
 
@@ -538,8 +538,8 @@ fn attention_flops_are_twelve_l_d_t_per_token_and_about_half_of_it_runs() {
         };
         total(&c, "attention_backward", tensor_work)
     };
-    assert!((executed(&CURRENT) - bwd * causal * 7.0 / 4.0).abs() < 1.0);
-    assert!((executed(&PLANNED) - bwd * causal * 5.0 / 4.0).abs() < 1.0);
+    assert!((executed(&CUDA_CORE) - bwd * causal * 7.0 / 4.0).abs() < 1.0);
+    assert!((executed(&TENSOR_CORE) - bwd * causal * 7.0 / 4.0).abs() < 1.0);
 }
 
 #[test]
@@ -594,14 +594,14 @@ fn bytes_of_memory_bound_ops_match_a_hand_count() {
 }
 
 #[test]
-fn gpt2_on_an_h200_predicts_faster_planned_kernels_and_compares_with_torch() {
+fn gpt2_on_an_h200_predicts_faster_tensor_core_kernels_and_compares_with_torch() {
     let cfg = gpt2();
     let w = Workload::from_config(&cfg);
     let plan = ShardPlan::new(&cfg.parallel);
     let hw = resolve(GpuKind::H200, DType::Bf16, 8, HardwareOverrides::default()).unwrap();
-    let current = predict(&w, &plan, &hw, &CURRENT).unwrap();
-    let planned = predict(&w, &plan, &hw, &PLANNED).unwrap();
-    for p in [&current, &planned] {
+    let current = predict(&w, &plan, &hw, &CUDA_CORE).unwrap();
+    let tensor = predict(&w, &plan, &hw, &TENSOR_CORE).unwrap();
+    for p in [&current, &tensor] {
         let sum: f64 = p.rows.iter().map(|r| r.predicted_ms).sum();
         assert!((p.step_ms - sum).abs() < 1e-9, "one GPU: no communication");
         assert_eq!(p.tokens_per_step, 16 * 1024);
@@ -614,9 +614,9 @@ fn gpt2_on_an_h200_predicts_faster_planned_kernels_and_compares_with_torch() {
     let row = |p: &shardtrain::plan::roofline::Prediction, op: &str| {
         p.rows.iter().find(|r| r.op == op).unwrap().predicted_ms
     };
-    assert_eq!(row(&current, "matmul"), row(&planned, "matmul"));
-    assert!(row(&current, "attention_backward") > 10.0 * row(&planned, "attention_backward"));
-    assert!(planned.step_ms < current.step_ms);
+    assert_eq!(row(&current, "matmul"), row(&tensor, "matmul"));
+    assert!(row(&current, "attention_backward") > 10.0 * row(&tensor, "attention_backward"));
+    assert!(tensor.step_ms < current.step_ms);
 }
 
 // ------------------------------------------------------------ the command line
@@ -667,18 +667,18 @@ fn predict_prints_every_profiled_op_and_the_torch_ratio() {
     ] {
         assert!(stdout.contains(op), "{op} missing:\n{stdout}");
     }
-    assert!(stdout.contains("kernels: current") && stdout.contains("kernels: planned"));
+    assert!(stdout.contains("kernels: cuda-core") && stdout.contains("kernels: tensor-core"));
     assert!(
         stdout.contains("torch.compile") && stdout.contains("32.6 ms"),
         "{stdout}"
     );
     let mut json_args = args.to_vec();
-    json_args.extend(["--json", "--kernels", "planned"]);
+    json_args.extend(["--json", "--kernels", "tensor-core"]);
     let out = shardtrain(&json_args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["schema"], "shardtrain.predict/1");
     assert_eq!(v["predictions"].as_array().unwrap().len(), 1);
-    assert_eq!(v["predictions"][0]["profile"]["name"], "planned");
+    assert_eq!(v["predictions"][0]["profile"]["name"], "tensor-core");
     assert!(
         v["torch_reference"]["predicted_over_reference"]
             .as_f64()
@@ -712,7 +712,7 @@ fn predict_sets_a_measured_table_beside_the_prediction() {
         "--measured",
         s,
         "--kernels",
-        "planned",
+        "tensor-core",
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));

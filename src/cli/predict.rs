@@ -13,7 +13,7 @@ use crate::config::{Config, ShardStrategy, EMBEDDED_ORIGIN};
 use crate::error::UsageError;
 use crate::plan::hardware::{self, GpuKind, HardwareOverrides};
 use crate::plan::predict_report::{self, join, Measured, PredictReport, PREDICT_SCHEMA};
-use crate::plan::roofline::{predict, KernelProfile, CURRENT, PLANNED};
+use crate::plan::roofline::{predict, KernelProfile, CUDA_CORE, TENSOR_CORE};
 use crate::plan::{strategy_name, Workload};
 
 /// The flags `--predict` adds to `shardtrain bench`.
@@ -30,13 +30,14 @@ pub(super) struct PredictArgs {
     /// HBM bandwidth in GB/s (overrides the preset's).
     #[arg(long, value_name = "GB/S", requires = "predict")]
     pub hbm_bw: Option<f64>,
-    /// Kernel generations to predict, comma-separated: current (the kernels in the tree),
-    /// planned (tensor-core flash attention).
+    /// Kernel generations to predict, comma-separated: cuda-core (the CUDA-core attention and
+    /// column-parallel LayerNorm gradients: f32 and head size 32 today), tensor-core (the bf16
+    /// path at head sizes 64 and 128: tensor-core flash attention, full-grid LayerNorm backward).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "current,planned",
+        default_value = "cuda-core,tensor-core",
         requires = "predict"
     )]
     pub kernels: Vec<KernelsArg>,
@@ -55,15 +56,15 @@ pub(super) enum PredictGpu {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum KernelsArg {
-    Current,
-    Planned,
+    CudaCore,
+    TensorCore,
 }
 
 impl KernelsArg {
     fn profile(self) -> KernelProfile {
         match self {
-            KernelsArg::Current => CURRENT,
-            KernelsArg::Planned => PLANNED,
+            KernelsArg::CudaCore => CUDA_CORE,
+            KernelsArg::TensorCore => TENSOR_CORE,
         }
     }
 }

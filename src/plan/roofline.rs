@@ -89,16 +89,16 @@ pub const LAUNCH_GAP_US: f64 = 2.0;
 /// registers forward and 255 with spills backward (FACTS.md, ptxas), no tensor cores. 0.30 of
 /// the 67 TFLOP/s f32 peak is an assumption, in line with the 2026-12-02 review's estimate of
 /// ~70 ms of attention per GPT-2 step (FACTS.md); nothing has measured it.
-pub const CURRENT_ATTENTION_EFFICIENCY: f64 = 0.30;
+pub const CUDA_CORE_ATTENTION_EFFICIENCY: f64 = 0.30;
 
 /// FlashAttention-2-style kernels on `mma.sync` tensor cores (kernels/tensor_core.cuh) reach
 /// about 35% of the H100's bf16 peak: FlashAttention-2's own figure there, quoted by the
 /// FlashAttention-3 paper (Shah et al. 2024), which needs wgmma and TMA to reach 75%.
-pub const PLANNED_ATTENTION_EFFICIENCY: f64 = 0.35;
+pub const TENSOR_CORE_ATTENTION_EFFICIENCY: f64 = 0.35;
 
 /// Today's backward: dK/dV per key row recomputes S = QKᵀ and dP = dO·Vᵀ, then dV += Pᵀ·dO and
 /// dK += dSᵀ·Q (4 products); dQ per query row recomputes S and dP again, then dQ = dS·K (3).
-const CURRENT_BACKWARD: [BackwardPass; 2] = [
+const CUDA_CORE_BACKWARD: [BackwardPass; 2] = [
     BackwardPass {
         name: "dK, dV per key row",
         flops_per_pair_per_dim: 8.0,
@@ -111,51 +111,61 @@ const CURRENT_BACKWARD: [BackwardPass; 2] = [
     },
 ];
 
-/// FlashAttention-2's backward: S, dP, dV, dK and dQ in one pass over the key tiles (5 products).
-const PLANNED_BACKWARD: [BackwardPass; 1] = [BackwardPass {
-    name: "fused dQ, dK, dV",
-    flops_per_pair_per_dim: 10.0,
-    dqkv_parts: 3.0,
-}];
+/// The tensor-core backward (kernels/attention_tc_backward.cu): the same two passes as the
+/// CUDA-core one, deterministic (no atomics on dQ): dK/dV per 64 keys (S, dP, dV, dK: 4
+/// products), then dQ per 64 queries (S, dP, dQ: 3).
+const TENSOR_CORE_BACKWARD: [BackwardPass; 2] = [
+    BackwardPass {
+        name: "dK, dV per key tile",
+        flops_per_pair_per_dim: 8.0,
+        dqkv_parts: 2.0,
+    },
+    BackwardPass {
+        name: "dQ per query tile",
+        flops_per_pair_per_dim: 6.0,
+        dqkv_parts: 1.0,
+    },
+];
 
-/// The kernels in the tree today.
-pub const CURRENT: KernelProfile = KernelProfile {
-    name: "current",
-    description: "today's kernels: cuBLASLt GEMMs, CUDA-core f32 attention (3-kernel backward), LayerNorm weight gradients on cols/32 blocks",
+/// The CUDA-core kernels: what f32 and head size 32 run today, and what every dtype ran before
+/// the tensor-core kernels.
+pub const CUDA_CORE: KernelProfile = KernelProfile {
+    name: "cuda-core",
+    description: "cuBLASLt GEMMs, CUDA-core f32 attention (3-kernel backward), LayerNorm weight gradients on cols/32 blocks",
     matmul_efficiency: MATMUL_EFFICIENCY,
     attention: AttentionKernels {
         units: ComputeUnits::CudaCoreF32,
-        efficiency: CURRENT_ATTENTION_EFFICIENCY,
+        efficiency: CUDA_CORE_ATTENTION_EFFICIENCY,
         // attention_tile() in src/backend/cuda/launch.rs.
         tile_upto_64: 64,
         tile_128: 32,
-        backward: &CURRENT_BACKWARD,
+        backward: &CUDA_CORE_BACKWARD,
     },
     memory_efficiency: MEMORY_EFFICIENCY,
     layernorm_column_pass_full_grid: false,
     launch_gap_us: LAUNCH_GAP_US,
 };
 
-/// The planned tensor-core kernels (the GPU speed work): FlashAttention-2 forward and fused
-/// backward on bf16 `mma.sync`, 64-row tiles, and a LayerNorm weight-gradient pass over a full
-/// grid. Same GEMMs, same memory-bound kernels.
-pub const PLANNED: KernelProfile = KernelProfile {
-    name: "planned",
-    description: "planned: tensor-core FlashAttention-2 (fused backward), LayerNorm weight gradients on a full grid",
+/// The tensor-core kernels of the bf16 path at head sizes 64 and 128: FlashAttention-2 forward
+/// and a two-pass deterministic backward on bf16 `mma.sync`, 64-row tiles, and a LayerNorm
+/// backward over a full grid. Same GEMMs, same memory-bound kernels.
+pub const TENSOR_CORE: KernelProfile = KernelProfile {
+    name: "tensor-core",
+    description: "cuBLASLt GEMMs with epilogues, tensor-core FlashAttention-2 (dK/dV then dQ, deterministic), LayerNorm backward on a full grid",
     matmul_efficiency: MATMUL_EFFICIENCY,
     attention: AttentionKernels {
         units: ComputeUnits::TensorCore,
-        efficiency: PLANNED_ATTENTION_EFFICIENCY,
+        efficiency: TENSOR_CORE_ATTENTION_EFFICIENCY,
         tile_upto_64: 64,
         tile_128: 64,
-        backward: &PLANNED_BACKWARD,
+        backward: &TENSOR_CORE_BACKWARD,
     },
     memory_efficiency: MEMORY_EFFICIENCY,
     layernorm_column_pass_full_grid: true,
     launch_gap_us: LAUNCH_GAP_US,
 };
 
-pub const PROFILES: [KernelProfile; 2] = [CURRENT, PLANNED];
+pub const PROFILES: [KernelProfile; 2] = [CUDA_CORE, TENSOR_CORE];
 
 /// The card's roofs the prediction uses.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
