@@ -145,7 +145,10 @@ pub fn rebuild_with(
         .map(|e| e.path())
         .filter(|p| p.file_name().is_some_and(|n| n != wrapper_obj.as_str()))
         .collect();
-    objects.push(object);
+    // First on the link line: a header's inline functions are compiled into every module that
+    // includes it (tensor_core.cuh into the tensor-core attention kernels too), and the linker
+    // keeps the first copy it sees, which must be the planted one.
+    objects.insert(0, object);
     let lib = tmp.join("libshardtrain_sim_planted.so");
     let status = Command::new(env!("SHARDTRAIN_SIM_CXX"))
         .args(["-shared", "-pthread"])
