@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::launch::{int, launch_with_smem};
+use super::launch::int;
 use super::{ptr, CudaBackend, CudaBuf};
 use crate::backend::{AttentionShape, DType};
 
@@ -12,8 +12,6 @@ use crate::backend::{AttentionShape, DType};
 pub(super) const TC_THREADS: u32 = 128;
 /// Query rows per block, and keys per streamed tile (`TC_ROWS`, `TC_KEYS`).
 const TC_ROWS: usize = 64;
-/// Dynamic shared memory a launch may take without the opt-in.
-const DEFAULT_DYNAMIC_SMEM: u32 = 48 << 10;
 
 /// The tensor-core kernel for `dtype` at `head_dim`, if there is one.
 pub(super) fn forward_kernel(dtype: DType, head_dim: usize) -> Option<&'static str> {
@@ -65,18 +63,11 @@ impl CudaBackend {
         let Some(name) = forward_kernel_for(out.dtype, shape.head_dim, qkv.ptr(), out.ptr()) else {
             return Ok(false);
         };
-        let smem = smem_bytes(shape.head_dim);
-        if smem > DEFAULT_DYNAMIC_SMEM {
-            // Per launch, not once per device: a cheap attribute write, and it keeps the opt-in
-            // next to the launch that needs it.
-            self.device.driver.set_max_dynamic_smem(name, smem)?;
-        }
-        launch_with_smem(
-            self.stream.as_ref(),
+        self.run_with_smem(
             name,
             grid(shape),
             (TC_THREADS, 1, 1),
-            smem,
+            smem_bytes(shape.head_dim),
             &[
                 ptr(out),
                 ptr(lse),

@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use super::launch::{launch_with_smem, Arg};
+use super::launch::Arg;
 use super::{CudaBackend, CudaBuf};
 use crate::backend::{AttentionShape, DType};
 
@@ -13,8 +13,6 @@ use crate::backend::{AttentionShape, DType};
 pub(super) const THREADS: u32 = 128;
 /// Keys (dK/dV) or queries (dQ) per block, and rows per streamed tile.
 const TILE: usize = 64;
-/// Dynamic shared memory a kernel may take without the opt-in.
-const DEFAULT_SMEM_LIMIT: u32 = 48 << 10;
 
 /// Dynamic shared memory of the dK/dV and the dQ kernel at head size `hs`: six bf16 tiles of 64
 /// rows padded by 8 elements (K, V and two stages of Q, dO; or Q, dO and two stages of K, V), and
@@ -52,19 +50,7 @@ impl CudaBackend {
         let (dkdv_smem, dq_smem) = smem_bytes(hs);
         for (part, smem) in [("dkdv", dkdv_smem), ("dq", dq_smem)] {
             let name = format!("attention_tc_backward_{part}_bf16_hs{hs}");
-            // The opt-in is a function attribute (cheap to set again); set it at every launch
-            // rather than keep per-device state of which kernels have it.
-            if smem > DEFAULT_SMEM_LIMIT {
-                self.device.driver().set_max_dynamic_smem(&name, smem)?;
-            }
-            launch_with_smem(
-                self.stream.as_ref(),
-                &name,
-                grid,
-                (THREADS, 1, 1),
-                smem,
-                args,
-            )?;
+            self.run_with_smem(&name, grid, (THREADS, 1, 1), smem, args)?;
         }
         Ok(())
     }

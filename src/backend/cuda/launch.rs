@@ -6,6 +6,9 @@ use anyhow::{anyhow, Result};
 pub(super) use super::driver::Arg;
 use super::driver::{Geometry, Stream};
 
+/// Dynamic shared memory a kernel gets without the opt-in (`Driver::set_max_dynamic_smem`).
+pub(super) const DEFAULT_DYNAMIC_SMEM_LIMIT: u32 = 48 << 10;
+
 /// Threads per block of the one-dimensional (grid-stride) kernels.
 pub(super) const BLOCK: u32 = 256;
 

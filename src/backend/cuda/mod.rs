@@ -36,7 +36,7 @@ pub use memory::{CudaBuf, CudaIds, MemoryStats};
 use super::{Backend, Buffer};
 use blas::Blas;
 use driver::{Event, Stream};
-use launch::{grid_for, launch, Arg, BLOCK};
+use launch::{grid_for, launch, launch_with_smem, Arg, BLOCK, DEFAULT_DYNAMIC_SMEM_LIMIT};
 use memory::DeviceMemory;
 use profile::OpProfiler;
 use scratch::Scratch;
@@ -196,6 +196,23 @@ impl CudaBackend {
         args: &[Arg],
     ) -> Result<()> {
         launch(self.stream.as_ref(), name, grid, block, args)
+    }
+
+    /// Launches `name` with `smem` bytes of dynamic shared memory, first allowing the kernel
+    /// more than the default 48 KiB where it asks for more (a function attribute, cheap to set
+    /// again, so it is set at each such launch rather than tracked per device).
+    fn run_with_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        if smem > DEFAULT_DYNAMIC_SMEM_LIMIT {
+            self.device.driver.set_max_dynamic_smem(name, smem)?;
+        }
+        launch_with_smem(self.stream.as_ref(), name, grid, block, smem, args)
     }
 
     /// A grid-stride kernel over `n` elements (nothing to do when `n` is 0).
